@@ -1,0 +1,77 @@
+"""The LIMA recipe exactly as in the paper (Zhou et al. 2023, arXiv 2305.11206, section 2/3): LLaMA-1 65B.
+
+Every other preset loads this file and changes only what differs (model shape, batch, dropout).
+Paths are placeholders: set them on the command line, e.g.
+  python -m lima_jax.train --config configs/lima_65b.py --config.workdir=gs://bucket/run \
+      --config.data.train_path=/data/lima/train.jsonl --config.tokenizer.path=/llama/tokenizer.model \
+      --config.init_from=/ckpt/llama-65b
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = ""
+    c.seed = 0
+    c.init_from = ""  # a lima_jax checkpoint made by `python -m lima_jax.convert` (pretrained LLaMA)
+
+    # LLaMA-1 65B (Meta params.json: dim 8192, 80 layers, 64 heads, multiple_of 256, norm_eps 1e-6).
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 0  # 0: taken from the tokenizer (32,000 + the new EOT token)
+    c.model.dim = 8192
+    c.model.n_layers = 80
+    c.model.n_heads = 64
+    c.model.n_kv_heads = 64
+    c.model.hidden_dim = 22016
+    c.model.norm_eps = 1e-6
+    c.model.rope_theta = 10000.0
+    c.model.max_seq_len = 2048
+    c.model.tie_embeddings = False
+    # Residual dropout rises linearly from 0 at the first layer to 0.3 at the last (0.2 for smaller models).
+    c.model.residual_dropout_max = 0.3
+    c.model.param_dtype = "float32"
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat_policy = "full"
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""  # LLaMA's sentencepiece tokenizer.model
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_path = ""  # 1,000 examples (1,030 with the dialogue chains)
+    c.data.dev_path = ""  # the 50 author-written dev prompts
+    c.data.max_len = 2048  # texts longer than 2,048 tokens are trimmed
+    c.data.loss_on = "assistant"  # the paper is silent; we train on responses only ("all" to switch)
+    c.data.on_bad_example = "error"
+    c.data.shuffle = True
+    c.data.packing = False
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32  # examples per step (64 for smaller models)
+    c.train.num_epochs = 15
+    c.train.grad_accum_steps = 1
+    c.train.log_every = 1
+    c.train.checkpoint_every_steps = 0  # 0: one checkpoint at the end of every epoch, all kept
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-5  # no warmup, linear decay to 1e-6 at the end of training
+    c.optimizer.end_learning_rate = 1e-6
+    c.optimizer.warmup_steps = 0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.grad_clip_norm = 0.0  # the paper uses none; set e.g. 1.0 to clip
+
+    # Device mesh: one size may be -1 (all remaining devices). Layout: see docs/sharding.md.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    c.mesh.tensor = 1
+    c.mesh.layout = "fsdp"
+    c.mesh.rules = ()  # extra (logical_axis, mesh_axes) rules that take precedence over the layout's
+
+    # Per-epoch dev-set answers for choosing a checkpoint by hand (the paper looked at epochs 5 to 10).
+    c.eval = ml_collections.ConfigDict()
+    c.eval.dev_report_epochs = (5, 6, 7, 8, 9, 10)
+    c.eval.max_new_tokens = 2048
+    return c

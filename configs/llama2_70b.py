@@ -1,0 +1,11 @@
+"""The LIMA recipe on LLaMA-2 70B: `lima_65b.py` with this model shape."""
+import ml_collections
+
+from lima_jax.config import load_sibling
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = load_sibling(__file__, "lima_65b.py")
+    c.model.update(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672,
+                   norm_eps=1e-05, rope_theta=10000.0, max_seq_len=4096)
+    return c

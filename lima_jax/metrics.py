@@ -1,0 +1,75 @@
+"""Training metrics to three places at once, from host 0 only: the console (with progress), TensorBoard
+event files (`workdir/tensorboard`, via tensorboardX: no TensorFlow needed) and `workdir/metrics.jsonl`
+(one JSON object per logged step, easy to load with pandas)."""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+
+import jax
+from absl import logging
+
+
+def quiet_library_logs() -> None:
+    """Keeps orbax's per-save INFO chatter out of the console (its warnings and errors still show)."""
+    import logging as std_logging
+
+    class _DropLibraryInfo(std_logging.Filter):
+        def filter(self, record: std_logging.LogRecord) -> bool:
+            return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+    logging.get_absl_handler().addFilter(_DropLibraryInfo())
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str | pathlib.Path, total_steps: int):
+        self.enabled = jax.process_index() == 0
+        self.total_steps = total_steps
+        self.start_time = time.time()
+        self.start_step: int | None = None
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+        workdir = pathlib.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = SummaryWriter(logdir=str(workdir / "tensorboard"))
+        self.jsonl = (workdir / "metrics.jsonl").open("a", encoding="utf-8")
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        """Logs `metrics` of the 1-based global `step`."""
+        if not self.enabled:
+            return
+        if self.start_step is None:
+            self.start_step = step - 1
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                self.tensorboard.add_scalar(f"train/{key}", value, step)
+        self.tensorboard.flush()
+        logging.info("%s", self._progress_line(step, metrics))
+
+    def _progress_line(self, step: int, m: dict) -> str:
+        elapsed = time.time() - self.start_time
+        done = step - (self.start_step or 0)
+        eta = elapsed / max(done, 1) * (self.total_steps - step)
+        return (f"epoch {m.get('epoch', 0)} step {step}/{self.total_steps} [{100 * step / self.total_steps:5.1f}%] "
+                f"loss {m['loss']:.4f} lr {m['learning_rate']:.2e} grad_norm {m['grad_norm']:.3f} "
+                f"tokens/s {m.get('tokens_per_s', 0):,.0f} eta {eta:,.0f}s")
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled:
+            self.tensorboard.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tensorboard.close()
+            self.jsonl.close()
+
+
+def _plain(value):
+    value = float(value) if hasattr(value, "__float__") and not isinstance(value, (int, str)) else value
+    return value if not isinstance(value, float) or math.isfinite(value) else str(value)

@@ -1,0 +1,275 @@
+"""LLaMA in Flax Linen, read top to bottom like the paper (Touvron et al. 2023) plus LIMA's residual dropout.
+
+    tokens -> embedding -> L x [ x + drop_l(attention(rmsnorm(x))) ; x + drop_l(mlp(rmsnorm(x))) ]
+           -> rmsnorm -> lm_head -> logits
+
+* Every parameter and key activation carries logical axis names ("embed", "heads", "mlp", ...); the mesh
+  axes they map to are decided in one place, `lima_jax.sharding`.
+* Layers are stacked with `nn.scan` (one compiled layer, whatever the depth), optionally rematerialized.
+* Attention takes `segment_ids` and `positions`: a token attends only to earlier tokens of its own segment
+  and RoPE positions restart per segment, so packed rows never leak across examples. Segment 0 is padding.
+* RoPE uses the rotate-half layout of Hugging Face; `lima_jax.convert` permutes Meta/llama2.c weights
+  (interleaved pairs) into it. See docs/checkpoints.md.
+* LIMA residual dropout: layer l of L (1-based) drops each residual branch output with
+  p_l = p_max * (l - 1) / (L - 1) before it is added back. Off when `deterministic`.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lima_jax.config import ModelConfig
+
+Array = jax.Array
+_init = nn.initializers.normal(stddev=0.02)
+
+
+def residual_dropout_rates(n_layers: int, p_max: float) -> np.ndarray:
+    """LIMA's per-layer rates: 0 at the first layer rising linearly to p_max at the last."""
+    if n_layers == 1:
+        return np.zeros((1,), np.float32)
+    return (p_max * np.arange(n_layers) / (n_layers - 1)).astype(np.float32)
+
+
+def residual_dropout(x: Array, rate: Array, rng: Array | None) -> Array:
+    """Inverted dropout with a traced rate (each scanned layer has its own); identity when rng is None."""
+    if rng is None:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, x.shape)
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+def rope_frequencies(head_dim: int, theta: float) -> Array:
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding, rotate-half layout. x: [batch, length, heads, head_dim]; positions: [batch, length]."""
+    head_dim = x.shape[-1]
+    angles = positions[:, :, None].astype(jnp.float32) * rope_frequencies(head_dim, theta)  # [b, t, d/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def attention_mask(segment_ids: Array) -> Array:
+    """[batch, 1, q, k] boolean: causal, same segment, and never to padding (segment 0)."""
+    length = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    not_pad = (segment_ids != 0)[:, None, :]
+    return (causal[None] & same_segment & not_pad)[:, None]
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig,
+           init=_init) -> Array:
+    """A parameter stored in `param_dtype`, annotated with logical axes, returned in `compute_dtype`."""
+    value = module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
+    return value.astype(cfg.compute_dtype)
+
+
+def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = _param(self, "scale", (self.cfg.dim,), ("norm",), self.cfg, nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+        return normed.astype(self.cfg.compute_dtype) * scale
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query KV heads (n_kv_heads <= n_heads) and RoPE."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, segment_ids: Array, positions: Array, kv_cache: dict | None = None):
+        cfg = self.cfg
+        hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        wq = _param(self, "wq", (cfg.dim, nh, hd), ("embed", "heads", "kv"), cfg)
+        wk = _param(self, "wk", (cfg.dim, nkv, hd), ("embed", "kv_heads", "kv"), cfg)
+        wv = _param(self, "wv", (cfg.dim, nkv, hd), ("embed", "kv_heads", "kv"), cfg)
+        wo = _param(self, "wo", (nh, hd, cfg.dim), ("heads", "kv", "embed"), cfg)
+
+        q = _constrain(jnp.einsum("btd,dnh->btnh", x, wq), ("batch", "length", "heads", "kv"))
+        k = _constrain(jnp.einsum("btd,dnh->btnh", x, wk), ("batch", "length", "kv_heads", "kv"))
+        v = _constrain(jnp.einsum("btd,dnh->btnh", x, wv), ("batch", "length", "kv_heads", "kv"))
+        q = apply_rope(q, positions, cfg.rope_theta)
+        k = apply_rope(k, positions, cfg.rope_theta)
+
+        if kv_cache is None:
+            mask = attention_mask(segment_ids)
+            new_cache = None
+        else:  # decoding: write this step's keys/values at `index`, attend to everything written so far
+            k, v, mask, new_cache = _update_kv_cache(kv_cache, k, v, segment_ids)
+
+        out = grouped_query_attention(q, k, v, mask)
+        out = _constrain(out, ("batch", "length", "heads", "kv"))
+        out = jnp.einsum("btnh,nhd->btd", out, wo)
+        return _constrain(out, ("batch", "length", "embed")), new_cache
+
+
+def grouped_query_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """softmax(q k^T / sqrt(d)) v with each KV head shared by n_heads / n_kv_heads query heads.
+
+    q: [b, t, n_heads, d]; k, v: [b, s, n_kv_heads, d]; mask: [b, 1, t, s] (True = may attend).
+    """
+    b, t, nh, d = q.shape
+    nkv = k.shape[2]
+    q = q.reshape(b, t, nkv, nh // nkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / np.sqrt(d)
+    big_negative = jnp.finfo(jnp.float32).min  # finite, so fully masked (padding) rows give no NaN
+    scores = jnp.where(mask[:, :, None], scores, big_negative)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, nh, d)
+
+
+def _update_kv_cache(cache: dict, k: Array, v: Array, segment_ids: Array):
+    """Writes k/v for the new tokens at cache["index"] (per row) and returns the full cache and mask."""
+    index = cache["index"]  # [b]: number of tokens already in the cache per row
+    b, t = k.shape[:2]
+    cache_len = cache["k"].shape[1]
+    write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
+    k_all = write(cache["k"], k.astype(cache["k"].dtype), index)
+    v_all = write(cache["v"], v.astype(cache["v"].dtype), index)
+    seg_all = write(cache["segment_ids"], segment_ids, index)
+    key_pos = jnp.arange(cache_len)[None, None, :]
+    query_pos = (index[:, None] + jnp.arange(t)[None, :])[:, :, None]
+    mask = (key_pos <= query_pos) & (seg_all[:, None, :] == segment_ids[:, :, None]) & (seg_all[:, None, :] != 0)
+    new_cache = {"k": k_all, "v": v_all, "segment_ids": seg_all, "index": index + t}
+    return k_all, v_all, mask[:, None], new_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        w1 = _param(self, "w1", (cfg.dim, cfg.hidden_dim), ("embed", "mlp"), cfg)
+        w3 = _param(self, "w3", (cfg.dim, cfg.hidden_dim), ("embed", "mlp"), cfg)
+        w2 = _param(self, "w2", (cfg.hidden_dim, cfg.dim), ("mlp", "embed"), cfg)
+        gate = jax.nn.silu(jnp.einsum("btd,dh->bth", x, w1)) * jnp.einsum("btd,dh->bth", x, w3)
+        gate = _constrain(gate, ("batch", "length", "mlp"))
+        return _constrain(jnp.einsum("bth,hd->btd", gate, w2), ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm transformer layer with LIMA's residual dropout on both branches."""
+
+    cfg: ModelConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x: Array, dropout_rate: Array, segment_ids: Array, positions: Array,
+                 kv_cache: dict | None = None):
+        drop_rng = None if self.deterministic else self.make_rng("dropout")
+        attn_rng, mlp_rng = jax.random.split(drop_rng) if drop_rng is not None else (None, None)
+        attn_out, new_cache = Attention(self.cfg, name="attention")(
+            RMSNorm(self.cfg, name="attention_norm")(x), segment_ids, positions, kv_cache)
+        x = x + residual_dropout(attn_out, dropout_rate, attn_rng)
+        mlp_out = MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+        x = x + residual_dropout(mlp_out, dropout_rate, mlp_rng)
+        return _constrain(x, ("batch", "length", "embed")), new_cache
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _layer_class(cfg: ModelConfig):
+    if cfg.remat_policy == "none":
+        return DecoderLayer
+    policy = _REMAT_POLICIES.get(cfg.remat_policy)
+    if policy is None:
+        raise ValueError(f"model.remat_policy={cfg.remat_policy!r}: not one of {sorted(_REMAT_POLICIES)} or 'none'")
+    return nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
+
+
+class Llama(nn.Module):
+    """The LLaMA decoder. `__call__` returns float32 logits [batch, length, vocab] (and the new KV cache)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, segment_ids: Array | None = None, positions: Array | None = None,
+                 deterministic: bool = True, kv_cache: dict | None = None):
+        cfg = self.cfg
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+        embedding = self.param("embedding", nn.with_logical_partitioning(_init, ("vocab", "embed")),
+                               (cfg.vocab_size, cfg.dim), jnp.dtype(cfg.param_dtype))
+        x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
+        x = _constrain(x, ("batch", "length", "embed"))
+
+        rates = jnp.asarray(residual_dropout_rates(cfg.n_layers, cfg.residual_dropout_max))
+        layers = nn.scan(
+            functools.partial(_layer_class(cfg), cfg, deterministic),
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, 0),
+            length=cfg.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, new_cache = layers(name="layers")(x, rates, segment_ids, positions, kv_cache)
+
+        x = RMSNorm(cfg, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.compute_dtype))
+        else:
+            head = _param(self, "lm_head", (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg)
+            logits = jnp.einsum("btd,dv->btv", x, head)
+        logits = _constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        return logits, new_cache
+
+
+def init_kv_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+    """An empty per-layer KV cache (leading axis = layer, scanned with the layers)."""
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, cfg.compute_dtype),
+        "v": jnp.zeros(shape, cfg.compute_dtype),
+        "segment_ids": jnp.zeros((cfg.n_layers, batch, length), jnp.int32),
+        "index": jnp.zeros((cfg.n_layers, batch), jnp.int32),
+    }
+
+
+def resize_vocab(params: dict, new_vocab_size: int) -> dict:
+    """Grows embedding (and LM head) to `new_vocab_size`; new rows are the mean of the existing rows.
+
+    Used when the EOT token is added to a pretrained vocabulary: a mean row starts the new token at the
+    centre of the embedding space (a neutral prediction) instead of at a random point.
+    """
+    params = dict(params)
+    emb = params["embedding"]
+    old = emb.shape[0]
+    if new_vocab_size < old:
+        raise ValueError(f"cannot shrink vocabulary from {old} to {new_vocab_size}")
+    extra = new_vocab_size - old
+    params["embedding"] = jnp.concatenate([emb, jnp.repeat(emb.mean(0, keepdims=True), extra, 0)], 0)
+    if "lm_head" in params:
+        head = params["lm_head"]
+        params["lm_head"] = jnp.concatenate([head, jnp.repeat(head.mean(1, keepdims=True), extra, 1)], 1)
+    return params

@@ -1,0 +1,35 @@
+"""lima_jax: the LIMA supervised fine-tuning recipe in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="lima_jax",
+    version="0.1.0",
+    description="LIMA (Less Is More for Alignment) fine-tuning of LLaMA in JAX/Flax on TPU, GPU and CPU",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lima_jax", "lima_jax.*"]),
+    install_requires=[
+        "jax>=0.10,<0.12",
+        "flax>=0.12,<0.14",
+        "optax>=0.2.8,<0.4",
+        "orbax-checkpoint>=0.12,<0.14",
+        "sentencepiece>=0.2,<0.3",
+        "tensorflow-datasets>=4.9.10,<5",
+        "array_record>=0.8",
+        "ml-collections>=1.1,<2",
+        "clu>=0.0.12",
+        "grain>=0.2.18",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.7",
+        "numpy",
+        "absl-py",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3"],
+        # Reference LLaMA for conversion parity tests (CPU wheel of torch is enough).
+        "parity": ["torch>=2.4", "transformers>=4.45", "safetensors>=0.4"],
+        # Ahead-of-time compilation for TPU topologies from a CPU host.
+        "tpu": ["jax[tpu]"],
+    },
+)

@@ -1,0 +1,39 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and shared fixtures."""
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def repo() -> pathlib.Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer():
+    from lima_jax.tokenizer import Tokenizer
+    return Tokenizer(REPO / "data" / "toy_tokenizer.model")
+
+
+@pytest.fixture
+def toy_config(tmp_path):
+    """configs/toy.py with a fresh workdir under tmp_path."""
+    from lima_jax.config import load_config_file
+    config = load_config_file(REPO / "configs" / "toy.py")
+    config.workdir = str(tmp_path / "run")
+    return config
+
+
+def shared_file(relative: str) -> pathlib.Path:
+    """A file of ../shared/data, or skip the test with the reason when the folder is absent."""
+    path = SHARED_DATA / relative
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (../shared/data beside the checkout holds the real test material)")
+    return path
