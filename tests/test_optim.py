@@ -1,0 +1,69 @@
+"""LIMA's optimizer: the linear learning-rate schedule and AdamW's weight-decay mask."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lima_jax.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
+from tests.test_config import filled
+
+
+def test_schedule_first_middle_last_step():
+    c = filled("lima_65b.py")
+    total = 31 * 15  # ceil(1000 / 32) steps per epoch, 15 epochs
+    schedule = learning_rate_schedule(c, total)
+    assert float(schedule(0)) == pytest.approx(1e-5)
+    assert float(schedule((total - 1) // 2)) == pytest.approx((1e-5 + 1e-6) / 2, rel=1e-5)
+    assert float(schedule(total - 1)) == pytest.approx(1e-6)
+    steps = np.array([float(schedule(s)) for s in range(total)])
+    assert np.all(np.diff(steps) < 0)  # strictly decreasing: no warmup, no plateau
+    np.testing.assert_allclose(np.diff(steps), np.diff(steps)[0], rtol=1e-3)  # linear
+
+
+def test_optional_warmup_precedes_the_decay():
+    c = filled("lima_65b.py")
+    c.optimizer.warmup_steps = 10
+    schedule = learning_rate_schedule(c, 100)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(10)) == pytest.approx(1e-5)
+    assert float(schedule(99)) == pytest.approx(1e-6)
+
+
+def test_weight_decay_skips_norm_scales_only():
+    params = {"embedding": jnp.ones((4, 2)), "final_norm": {"scale": jnp.ones(2)},
+              "layers": {"attention_norm": {"scale": jnp.ones((3, 2))}, "mlp": {"w1": jnp.ones((3, 2, 2))}}}
+    mask = weight_decay_mask(params)
+    assert mask == {"embedding": True, "final_norm": {"scale": False},
+                    "layers": {"attention_norm": {"scale": False}, "mlp": {"w1": True}}}
+
+
+def test_adamw_update_decays_weights_but_not_norms():
+    c = filled("lima_65b.py")
+    c.optimizer.learning_rate = c.optimizer.end_learning_rate = 0.1
+    tx = make_optimizer(c, 10)
+    params = {"w": jnp.full((2,), 2.0), "norm": {"scale": jnp.full((2,), 2.0)}}
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["w"], 2.0 - 0.1 * 0.1 * 2.0, rtol=1e-6)  # decoupled decay: lr * wd * w
+    np.testing.assert_allclose(new["norm"]["scale"], 2.0)
+
+
+def test_gradient_clipping_is_optional():
+    c = filled("lima_65b.py")
+    c.optimizer.learning_rate = c.optimizer.end_learning_rate = 1.0
+    c.optimizer.weight_decay = 0.0
+    params = {"w": jnp.zeros(3)}
+    grads = {"w": jnp.array([300.0, 400.0, 0.0])}
+    c.optimizer.grad_clip_norm = 1.0
+    clipped = make_optimizer(c, 10)
+    c.optimizer.grad_clip_norm = 0.0
+    plain = make_optimizer(c, 10)
+    # Adam normalizes the step, so compare the clipped gradient it saw via the first moment
+    _, state_clipped = clipped.update(grads, clipped.init(params), params)
+    _, state_plain = plain.update(grads, plain.init(params), params)
+    mu_clipped = jax.tree.leaves(state_clipped[1][0].mu)[0]
+    mu_plain = jax.tree.leaves(state_plain[0].mu)[0]
+    np.testing.assert_allclose(mu_clipped, 0.1 * np.array([0.6, 0.8, 0.0]), rtol=1e-5)
+    np.testing.assert_allclose(mu_plain, 0.1 * np.array([300.0, 400.0, 0.0]), rtol=1e-5)

@@ -1,0 +1,135 @@
+"""The train loop end to end on the toy config, resuming after a kill, divergence, gradient accumulation."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lima_jax import data
+from lima_jax.config import model_config
+from lima_jax.model import Llama
+from lima_jax.optim import learning_rate_schedule
+from lima_jax.train import TrainingDiverged, TrainState, make_train_step, train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def read_metrics(workdir) -> dict[int, dict]:
+    """Last logged record per step (a step redone after a crash is logged twice)."""
+    records = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records}
+
+
+def finished_checkpoints(workdir) -> list[int]:
+    folder = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    """Three epochs of the toy config, trained in this process (6 steps per epoch)."""
+    from lima_jax.config import load_config_file
+    config = load_config_file(REPO / "configs" / "toy.py")
+    config.workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    config.train.num_epochs = 4
+    final = train(config)
+    return config, final
+
+
+def test_toy_run_learns_and_writes_a_checkpoint_per_epoch(uninterrupted_run):
+    config, final = uninterrupted_run
+    metrics = read_metrics(config.workdir)
+    assert sorted(metrics) == list(range(1, 25))
+    first, last = metrics[1]["loss"], metrics[24]["loss"]
+    assert last < first - 1.0, (first, last)
+    assert finished_checkpoints(config.workdir) == [6, 12, 18, 24]
+    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "epoch", "target_tokens"):
+        assert key in metrics[24]
+    assert metrics[1]["learning_rate"] == pytest.approx(3e-3) and metrics[24]["learning_rate"] == pytest.approx(3e-4)
+    assert [metrics[s]["epoch"] for s in (1, 6, 7, 24)] == [1, 1, 2, 4]
+    assert list((pathlib.Path(config.workdir) / "tensorboard").glob("events.out.tfevents.*"))
+    assert final["loss"] == pytest.approx(last)
+
+
+def run_cli(workdir, *extra, **popen):
+    cmd = [sys.executable, "-m", "lima_jax.train", "--config", str(REPO / "configs" / "toy.py"),
+           f"--config.workdir={workdir}", "--config.train.num_epochs=4", *extra]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, **popen)
+
+
+def test_killed_run_resumes_from_the_last_epoch_and_matches_an_uninterrupted_run(uninterrupted_run, tmp_path):
+    config, _ = uninterrupted_run
+    workdir = tmp_path / "killed"
+    first = run_cli(workdir)
+    deadline = time.time() + 300
+    while len(finished_checkpoints(workdir)) < 2 and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, "the run ended before it could be killed:\n" + first.stdout.read()
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    first.stdout.close()
+    done_before_kill = finished_checkpoints(workdir)
+    assert 2 <= len(done_before_kill) < 4
+
+    second = run_cli(workdir)
+    output, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, output
+    assert f"resumed from {workdir / 'checkpoints'}/{done_before_kill[-1]}" in output
+    assert "total parameters" in output  # the parameter overview is printed at start
+    assert finished_checkpoints(workdir) == [6, 12, 18, 24]
+    # every step after the resume point equals the uninterrupted run: no replayed or skipped batch
+    resumed, reference = read_metrics(workdir), read_metrics(config.workdir)
+    for step in range(done_before_kill[-1] + 1, 25):
+        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5), step
+    restarted_lines = [line for line in output.splitlines() if " step " in line and "loss" in line]
+    assert f"step {done_before_kill[-1] + 1}/24" in restarted_lines[0]
+
+
+def test_non_finite_loss_stops_without_a_checkpoint(toy_config):
+    toy_config.optimizer.learning_rate = float("inf")
+    with pytest.raises(TrainingDiverged, match="no checkpoint of this state was written"):
+        train(toy_config)
+    assert finished_checkpoints(toy_config.workdir) == []
+
+
+def test_gradient_accumulation_normalizes_by_all_target_tokens(toy_config, toy_tokenizer):
+    """accum=2 gives the full-batch update even when micro-batches hold very different token counts."""
+    toy_config.model.residual_dropout_max = 0.0
+    report = data.load_examples(toy_config.data.train_path, toy_tokenizer, 128)
+    examples = sorted(report.examples, key=len)
+    # rows i, i+2, ... form micro-batch 0: put the 4 longest there, the 4 shortest in micro-batch 1
+    rows = [examples[-1], examples[0], examples[-2], examples[1], examples[-3], examples[2], examples[-4],
+            examples[3]]
+    batch = {k: jnp.asarray(v) for k, v in data.pad_rows(rows, 128).items()}
+    cfg = model_config(toy_config, toy_tokenizer.vocab_size)
+    model = Llama(cfg)
+    params = nn.meta.unbox(model.init(jax.random.key(0), batch["tokens"][:1])["params"])
+
+    def one_step(accum):
+        toy_config.train.grad_accum_steps = accum
+        # plain SGD with lr 1: the parameter change is exactly the (normalized) gradient
+        state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(1.0))
+        step = make_train_step(model, toy_config, learning_rate_schedule(toy_config, 10), jax.random.key(1))
+        return jax.jit(step)(state, batch)
+
+    full_state, full = one_step(1)
+    accum_state, accum = one_step(2)
+    assert float(accum["loss"]) == pytest.approx(float(full["loss"]), rel=1e-5)
+    assert float(accum["grad_norm"]) == pytest.approx(float(full["grad_norm"]), rel=1e-4)
+    assert float(accum["target_tokens"]) == float(full["target_tokens"])
+    for a, b in zip(jax.tree.leaves(accum_state.params), jax.tree.leaves(full_state.params)):
+        np.testing.assert_allclose(a, b, atol=2e-7)
+    # the trap this guards against: averaging per-micro-batch means gives a different loss here
+    weights = np.asarray(batch["weights"])
+    per_micro = [weights[0::2].sum(), weights[1::2].sum()]
+    assert abs(per_micro[0] - per_micro[1]) > 50
