@@ -9,6 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["lima_jax", "lima_jax.*"]),
+    package_data={"lima_jax": ["prompts/*.txt"]},  # the default judge prompt of lima_jax.eval
     install_requires=[
         "jax>=0.10,<0.12",
         "flax>=0.12,<0.14",
@@ -27,9 +28,11 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3"],
-        # Reference LLaMA for conversion parity tests (CPU wheel of torch is enough).
-        "parity": ["torch>=2.4", "transformers>=4.45", "safetensors>=0.4"],
+        # `python -m lima_jax.convert to_hf`: the Hugging Face tokenizer.json is built with `tokenizers`.
+        "export": ["tokenizers>=0.20", "protobuf>=4"],
+        # Reference LLaMA for conversion parity tests (CPU wheel of torch is enough); `from_meta` needs torch.
+        "parity": ["torch>=2.4", "transformers>=4.45", "safetensors>=0.4", "tokenizers>=0.20", "protobuf>=4"],
         # Ahead-of-time compilation for TPU topologies from a CPU host.
-        "tpu": ["jax[tpu]"],
+        "tpu": ["jax[tpu]>=0.10,<0.12"],
     },
 )

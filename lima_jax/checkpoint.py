@@ -8,15 +8,21 @@ call save/restore together; each writes and reads only its own shards.
 
 Parameter checkpoints (`save_params` / `restore_params`): a folder with `params/` (orbax) and
 `model.json` (the ModelConfig): what `lima_jax.convert` writes and `config.init_from` reads.
+`save_params_incrementally` writes the same kind of folder from parts of the tree (orbax partial saving),
+so a converter never holds the whole model; such a `params/` keeps its tree in `params/state/`.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import pathlib
-from typing import Any
+import shutil
+from typing import Any, Iterable
 
 import jax
+from absl import logging
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lima_jax.config import ModelConfig
@@ -79,8 +85,103 @@ def read_params_meta(directory: str | pathlib.Path) -> dict:
     return json.loads(path.read_text())
 
 
+def save_params_incrementally(directory: str | pathlib.Path, parts: Iterable[dict], model: ModelConfig,
+                              extra: dict | None = None) -> None:
+    """Like `save_params`, but from disjoint sub-trees written one after another (each can be freed once
+    written): peak memory is the largest part. Single-process (conversion) use."""
+    from orbax.checkpoint.experimental.v1 import partial
+    directory = pathlib.Path(_abspath(directory))
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "params"
+    (directory / "model.json").unlink(missing_ok=True)  # written last: its presence means complete
+    for stale in (target, *directory.glob("params.partial_save*")):  # incl. an interrupted earlier session
+        if stale.exists():
+            shutil.rmtree(stale)
+    for part in parts:
+        partial.save(target, part)
+        del part  # before the next part is built
+        _return_freed_memory()
+    partial.finalize(target)
+    meta = {"model": dataclasses.asdict(model), **(extra or {})}
+    (directory / "model.json").write_text(json.dumps(meta, indent=2))
+
+
+def _return_freed_memory() -> None:
+    """Hands freed heap back to the OS (glibc's malloc_trim; a no-op elsewhere). Tensorstore's writer
+    threads leave freed buffers in per-thread arenas: without this the RSS of a conversion creeps up by
+    about one parameter kind per save instead of staying flat."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _tree_dir(directory: str | pathlib.Path) -> pathlib.Path:
+    """`params/`, or `params/state/` when it was written by `save_params_incrementally`."""
+    path = pathlib.Path(_abspath(directory)) / "params"
+    return path / "state" if (path / "state" / "_METADATA").is_file() else path
+
+
 def restore_params(directory: str | pathlib.Path, abstract_params: Any = None) -> Any:
-    """Reads `params/`; with `abstract_params` (ShapeDtypeStructs with shardings) straight onto the mesh."""
+    """Reads `params/`; with `abstract_params` (ShapeDtypeStructs with shardings) straight onto the mesh,
+    cast to their dtypes. Without, as stored (numpy arrays)."""
     with ocp.StandardCheckpointer() as ckptr:
-        path = pathlib.Path(_abspath(directory)) / "params"
+        path = _tree_dir(directory)
         return ckptr.restore(path, abstract_params) if abstract_params is not None else ckptr.restore(path)
+
+
+def restore_train_params(step_dir: str | pathlib.Path, abstract_params: Any = None) -> tuple[Any, ModelConfig]:
+    """(params, ModelConfig) of one `TrainCheckpoints` step folder; the optimizer state is never read.
+
+    With `abstract_params` (ShapeDtypeStructs with shardings) the parameters go straight onto the mesh,
+    cast to their dtypes; without, they come back as numpy arrays."""
+    step_dir = pathlib.Path(_abspath(step_dir))
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        meta = ckptr.restore(step_dir / "meta")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        if abstract_params is None:
+            tree = ckptr.metadata(step_dir / "state").item_metadata.tree["params"]
+            item = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            restore_args = item
+        else:
+            item = abstract_params
+            restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype),
+                                        abstract_params)
+        restored = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+            item={"params": item}, restore_args={"params": restore_args}, partial_restore=True))
+    return restored["params"], ModelConfig(**meta["model"])
+
+
+def resolve_checkpoint(path: str | pathlib.Path) -> tuple[str, pathlib.Path]:
+    """("params" | "train", folder) for a parameter checkpoint (model.json), a training checkpoint step
+    folder (state/), or a training workdir: its chosen epoch (`lima_jax.report choose`), else the latest."""
+    from lima_jax import report
+    path = pathlib.Path(path)
+    if (path / "model.json").is_file():
+        return "params", path
+    if (path / "state").is_dir() and (path / "meta").is_dir():
+        return "train", path
+    if (path / "checkpoints").is_dir():
+        chosen = report.chosen_checkpoint(path)
+        if chosen is not None:
+            return "train", chosen
+        manager = TrainCheckpoints(path / "checkpoints")
+        try:
+            latest = manager.latest_step()
+        finally:
+            manager.close()
+        if latest is not None:
+            logging.info("%s: no epoch chosen (python -m lima_jax.report choose); using the latest checkpoint %d",
+                         path, latest)
+            return "train", path / "checkpoints" / str(latest)
+    raise FileNotFoundError(f"{path}: not a training workdir (checkpoints/), a training checkpoint step folder "
+                            "(state/ + meta/) or a parameter checkpoint (model.json + params/)")
+
+
+def load_checkpoint_params(path: str | pathlib.Path, abstract_params: Any = None) -> tuple[Any, ModelConfig]:
+    """(params, ModelConfig) of anything `resolve_checkpoint` accepts; see `restore_train_params` for
+    `abstract_params`."""
+    kind, folder = resolve_checkpoint(path)
+    if kind == "train":
+        return restore_train_params(folder, abstract_params)
+    return restore_params(folder, abstract_params), ModelConfig(**read_params_meta(folder)["model"])

@@ -139,19 +139,26 @@ def grouped_query_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
 
 
 def _update_kv_cache(cache: dict, k: Array, v: Array, segment_ids: Array):
-    """Writes k/v for the new tokens at cache["index"] (per row) and returns the full cache and mask."""
+    """Writes k/v for the new tokens at cache["index"] (per row) and returns the full cache and mask.
+
+    Each row has its own write index, so rows of different lengths share one cache: a row's tokens sit in
+    slots [0, index) exactly as they sit in a training row, and a query attends to the filled slots at or
+    before its own slot that carry its segment (segment 0 = padding or never written). The caller must keep
+    index + t <= cache length (dynamic_update_slice would clamp the write otherwise).
+    """
     index = cache["index"]  # [b]: number of tokens already in the cache per row
-    b, t = k.shape[:2]
+    t = k.shape[1]
     cache_len = cache["k"].shape[1]
     write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice_in_dim(buf, new, i, axis=0))
-    k_all = write(cache["k"], k.astype(cache["k"].dtype), index)
-    v_all = write(cache["v"], v.astype(cache["v"].dtype), index)
-    seg_all = write(cache["segment_ids"], segment_ids, index)
+    cache_axes = ("batch", "length", "kv_heads", "kv")
+    k_all = _constrain(write(cache["k"], k.astype(cache["k"].dtype), index), cache_axes)
+    v_all = _constrain(write(cache["v"], v.astype(cache["v"].dtype), index), cache_axes)
+    seg_all = write(cache["segment_ids"], segment_ids.astype(cache["segment_ids"].dtype), index)
     key_pos = jnp.arange(cache_len)[None, None, :]
     query_pos = (index[:, None] + jnp.arange(t)[None, :])[:, :, None]
     mask = (key_pos <= query_pos) & (seg_all[:, None, :] == segment_ids[:, :, None]) & (seg_all[:, None, :] != 0)
     new_cache = {"k": k_all, "v": v_all, "segment_ids": seg_all, "index": index + t}
-    return k_all, v_all, mask[:, None], new_cache
+    return k_all.astype(k.dtype), v_all.astype(v.dtype), mask[:, None], new_cache
 
 
 class MLP(nn.Module):
@@ -245,8 +252,14 @@ class Llama(nn.Module):
         return logits, new_cache
 
 
+KV_CACHE_AXES = {"k": ("layers", "batch", "length", "kv_heads", "kv"),
+                 "v": ("layers", "batch", "length", "kv_heads", "kv"),
+                 "segment_ids": ("layers", "batch", "length"), "index": ("layers", "batch")}
+
+
 def init_kv_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
-    """An empty per-layer KV cache (leading axis = layer, scanned with the layers)."""
+    """An empty per-layer KV cache (leading axis = layer, scanned with the layers); logical axes in
+    `KV_CACHE_AXES`. `index[l, b]` is the number of slots of row b already written."""
     shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
     return {
         "k": jnp.zeros(shape, cfg.compute_dtype),

@@ -30,7 +30,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from ml_collections import config_flags
 
-from lima_jax import checkpoint, data, sharding
+from lima_jax import checkpoint, data, distributed, sharding
 from lima_jax.config import ConfigError, ModelConfig, model_config, validate
 from lima_jax.metrics import MetricsWriter, quiet_library_logs
 from lima_jax.model import Llama, resize_vocab
@@ -131,7 +131,9 @@ def create_train_state(model: Llama, tx: optax.GradientTransformation, shardings
 def load_pretrained_params(path: str, model_cfg: ModelConfig, param_shardings: Any) -> Any:
     """Parameters from a `lima_jax.convert` checkpoint, grown to `model_cfg.vocab_size` if EOT is new."""
     meta = checkpoint.read_params_meta(path)["model"]
-    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "tie_embeddings"):
+    # rope_theta and norm_eps too: a mismatch there loads fine but silently computes another function
+    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "tie_embeddings", "rope_theta",
+                  "norm_eps"):
         if meta[field] != getattr(model_cfg, field):
             raise ConfigError(f"config.init_from={path!r}: checkpoint has model.{field}={meta[field]}, "
                               f"config has {getattr(model_cfg, field)}")
@@ -158,9 +160,10 @@ def load_pretrained_params(path: str, model_cfg: ModelConfig, param_shardings: A
 # ------------------------------------------------------------------------------------------------ loop
 
 
-def global_batch(local: dict[str, np.ndarray], batch_sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Assembles each host's rows into global arrays sharded over the data axes."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+def global_batch(local: dict[str, np.ndarray], batch_sharding: NamedSharding,
+                 global_shape: tuple[int, int] | None = None) -> dict[str, jax.Array]:
+    """Assembles each host's rows into global [batch, length] arrays sharded over the data axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v, global_shape) for k, v in local.items()}
 
 
 @dataclasses.dataclass
@@ -186,8 +189,8 @@ def setup(config: ml_collections.ConfigDict):
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"{config.get('source_file', '<config>')}: config.model.vocab_size="
                           f"{model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} (incl. EOT)")
-    mesh = sharding.make_mesh(config)
-    rules = sharding.layout_rules(config)
+    mesh = sharding.make_mesh(config, vocab_size=model_cfg.vocab_size)
+    rules = sharding.layout_rules(config, vocab_size=model_cfg.vocab_size, shape=mesh.devices.shape)
     report = data.load_examples(config.data.train_path, tokenizer, config.data.max_len, config.data.loss_on,
                                 config.data.on_bad_example)
     return tokenizer, model_cfg, mesh, rules, report
@@ -199,7 +202,11 @@ def train(config: ml_collections.ConfigDict, after_epoch: Callable[..., None] | 
     tokenizer, model_cfg, mesh, rules, report = setup(config)
     examples = report.examples
     workdir = pathlib.Path(config.workdir)
-    steps_per_epoch = data.steps_per_epoch(len(examples), config.train.batch_size)
+    layout = data.row_layout(examples, config.data.max_len, config.data.packing)
+    logging.info("%s", layout.describe())
+    steps_per_epoch = data.steps_per_epoch(layout.num_rows, config.train.batch_size)  # batch_size = rows
+    data_signature = data.input_signature(examples, batch_size=config.train.batch_size, max_len=config.data.max_len,
+                                          seed=config.seed, shuffle=config.data.shuffle, packing=config.data.packing)
     total_steps = steps_per_epoch * config.train.num_epochs
     logging.info("%d examples (%d trimmed, %d skipped), %d steps per epoch, %d steps in all, mesh %s, layout %s",
                  len(examples), report.num_trimmed, len(report.skipped), steps_per_epoch, total_steps,
@@ -214,6 +221,7 @@ def train(config: ml_collections.ConfigDict, after_epoch: Callable[..., None] | 
         latest = checkpoints.latest_step()
         if latest is not None:
             state, meta = checkpoints.restore(latest, abstract)
+            data.check_input_signature(meta, data_signature, f"{checkpoints.directory}/{latest}")
             position = position_after(meta, steps_per_epoch)
             logging.info("resumed from %s/%d: epoch %d, %d batches done", checkpoints.directory, latest,
                          meta["epoch"], meta["batches_done"])
@@ -226,6 +234,8 @@ def train(config: ml_collections.ConfigDict, after_epoch: Callable[..., None] | 
         _log_parameter_overview(state.params, model_cfg)
 
         batch_sharding = sharding.batch_sharding(mesh, rules)
+        batch_shape = (config.train.batch_size, config.data.max_len)
+        block, num_blocks = sharding.process_batch_block(batch_sharding, batch_shape)
         step_fn = jax.jit(make_train_step(model, config, schedule, jax.random.key(config.seed + 1)),
                           in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
                           donate_argnums=0)
@@ -237,10 +247,10 @@ def train(config: ml_collections.ConfigDict, after_epoch: Callable[..., None] | 
                 batches = data.epoch_batches(
                     examples, batch_size=config.train.batch_size, max_len=config.data.max_len, seed=config.seed,
                     epoch=epoch, shuffle=config.data.shuffle, start_step=start,
-                    process_index=jax.process_index(), process_count=jax.process_count())
+                    process_index=block, process_count=num_blocks, packing=config.data.packing)
                 for batch_index, local in enumerate(batches, start=start + 1):
                     tic = time.perf_counter()
-                    state, metrics = step_fn(state, global_batch(local, batch_sharding))
+                    state, metrics = step_fn(state, global_batch(local, batch_sharding, batch_shape))
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     step = int(state.step)
                     if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
@@ -256,16 +266,18 @@ def train(config: ml_collections.ConfigDict, after_epoch: Callable[..., None] | 
                     every = config.train.checkpoint_every_steps
                     if end_of_epoch or (every and step % every == 0):
                         checkpoints.save(step, state, {"epoch": epoch, "batches_done": batch_index, "step": step,
+                                                       "data_signature": data_signature,
                                                        "end_of_epoch": end_of_epoch,
                                                        "model": dataclasses.asdict(model_cfg)})
                         if end_of_epoch:
                             logging.info("epoch %d done: checkpoint %s/%d", epoch, checkpoints.directory, step)
                 if after_epoch is not None:
                     after_epoch(epoch=epoch, state=state, model=model, tokenizer=tokenizer, mesh=mesh,
-                                writer=writer)
+                                writer=writer, rules=rules)
         finally:
             writer.close()
             checkpoints.close()
+    distributed.barrier("train_done")
     return last_metrics
 
 
@@ -291,8 +303,12 @@ def main(argv: list[str]) -> None:
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/toy.py")
     config.source_file = flags.FLAGS["config"].config_filename
+    distributed.initialize_from_flags()
+    if not distributed.is_main_process():
+        logging.set_verbosity(logging.WARNING)  # host 0 logs; the others only warn
     quiet_library_logs()
-    train(config)
+    from lima_jax.report import dev_report_hook  # per-epoch dev answers when config.data.dev_path is set
+    train(config, after_epoch=dev_report_hook(config))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
-"""Data: conversation formats (`formats`) and the batch pipeline (`pipeline`)."""
+"""Data: conversation formats (`formats`), rows and packing (`packing`), the batch pipeline (`pipeline`),
+TFDS datasets (`tfds_builders`) and the `python -m lima_jax.data build|stats` CLI (`__main__`)."""
 from lima_jax.data.formats import Conversation, DataError, read_conversations
-from lima_jax.data.pipeline import (BATCH_FIELDS, Example, LoadReport, epoch_batches, epoch_order, load_examples,
-                                    pad_rows, steps_per_epoch, tokenize_conversation)
+from lima_jax.data.packing import best_fit_decreasing
+from lima_jax.data.pipeline import (BATCH_FIELDS, Example, LoadReport, RowLayout, check_input_signature,
+                                    epoch_batches, epoch_order, epoch_rows, input_signature, load_examples, pad_rows,
+                                    row_layout, steps_per_epoch, tokenize_all, tokenize_conversation)
 
-__all__ = ["BATCH_FIELDS", "Conversation", "DataError", "Example", "LoadReport", "epoch_batches", "epoch_order",
-           "load_examples", "pad_rows", "read_conversations", "steps_per_epoch", "tokenize_conversation"]
+__all__ = ["BATCH_FIELDS", "Conversation", "DataError", "Example", "LoadReport", "RowLayout", "best_fit_decreasing",
+           "check_input_signature", "epoch_batches", "epoch_order", "epoch_rows", "input_signature", "load_examples",
+           "pad_rows", "read_conversations", "row_layout", "steps_per_epoch", "tokenize_all", "tokenize_conversation"]

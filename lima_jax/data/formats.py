@@ -44,14 +44,18 @@ def detect_schema(record: dict) -> str | None:
     return None
 
 
-def _turns_lima(record: dict, where: str) -> list:
+# Each reader returns the turns as (field name for error messages, value) pairs.
+Turns = list[tuple[str, object]]
+
+
+def _turns_lima(record: dict, where: str) -> Turns:
     turns = record["conversations"]
     if not isinstance(turns, list):
         raise DataError(f"{where}: field 'conversations' must be a list of strings, got {type(turns).__name__}")
-    return turns
+    return [(f"'conversations'[{i}]", turn) for i, turn in enumerate(turns)]
 
 
-def _turns_instruction(record: dict, where: str) -> list:
+def _turns_instruction(record: dict, where: str) -> Turns:
     response_key = "response" if "response" in record else "output"
     if response_key not in record:
         raise DataError(f"{where}: instruction schema needs field 'response' (or 'output')")
@@ -59,10 +63,10 @@ def _turns_instruction(record: dict, where: str) -> list:
     extra = record.get("input", "")
     if not isinstance(prompt, str) or not isinstance(extra, str):
         raise DataError(f"{where}: fields 'instruction' and 'input' must be strings")
-    return [f"{prompt}\n\n{extra}" if extra else prompt, record[response_key]]
+    return [("'instruction'", f"{prompt}\n\n{extra}" if extra else prompt), (f"'{response_key}'", record[response_key])]
 
 
-def _turns_messages(record: dict, where: str) -> list:
+def _turns_messages(record: dict, where: str) -> Turns:
     messages = record["messages"]
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise DataError(f"{where}: field 'messages' must be a list of {{'role', 'content'}} objects")
@@ -77,9 +81,9 @@ def _turns_messages(record: dict, where: str) -> list:
         if message.get("role") != expected:
             raise DataError(f"{where}: field 'messages'[{i + len(system)}].role is {message.get('role')!r}, "
                             f"expected {expected!r} (roles must alternate user, assistant, ...)")
-        turns.append(message.get("content"))
-    if system and turns and isinstance(turns[0], str):
-        turns[0] = f"{system[0]}\n\n{turns[0]}"
+        turns.append((f"'messages'[{i + len(system)}].content", message.get("content")))
+    if system and turns and isinstance(turns[0][1], str):
+        turns[0] = (turns[0][0], f"{system[0]}\n\n{turns[0][1]}")
     return turns
 
 
@@ -87,8 +91,11 @@ _READERS = {"lima": _turns_lima, "instruction": _turns_instruction, "messages": 
 
 
 def parse_record(record: object, path: str, line: int, schema: str = "auto",
-                 for_training: bool = True) -> Conversation:
-    """One JSONL record to a Conversation; raises DataError naming `path:line` and the field."""
+                 for_training: bool | None = True) -> Conversation:
+    """One JSONL record to a Conversation; raises DataError naming `path:line` and the field.
+
+    `for_training`: True needs a conversation ending with the assistant, False a prompt ending with the
+    user, None accepts either."""
     where = f"{path}:{line}"
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -96,21 +103,24 @@ def parse_record(record: object, path: str, line: int, schema: str = "auto",
     if found not in _READERS:
         raise DataError(f"{where}: unknown schema (fields {sorted(record)}); expected one of: "
                         "'conversations' (LIMA), 'instruction'+'response', 'messages'")
-    turns = _READERS[found](record, where)
-    for i, turn in enumerate(turns):
+    named_turns = _READERS[found](record, where)
+    for i, (field, turn) in enumerate(named_turns):
         if not isinstance(turn, str):
-            raise DataError(f"{where}: turn {i} is {type(turn).__name__}, expected a string")
+            raise DataError(f"{where}: field {field} (turn {i}) is {type(turn).__name__}, expected a string")
         if not turn.strip():
-            raise DataError(f"{where}: turn {i} is empty")
+            raise DataError(f"{where}: field {field} (turn {i}) is empty")
+    turns = [turn for _, turn in named_turns]
     if not turns:
         raise DataError(f"{where}: no turns")
     if for_training and len(turns) % 2:
         raise DataError(f"{where}: {len(turns)} turns; a training conversation must end with the "
                         "assistant (user, assistant, ...)")
-    if not for_training and len(turns) % 2 == 0:
+    if for_training is False and len(turns) % 2 == 0:
         raise DataError(f"{where}: {len(turns)} turns; a prompt must end with the user")
-    source = record.get("source", "") if isinstance(record.get("source", ""), str) else ""
-    return Conversation(tuple(turns), source or "", path, line)
+    source = record.get("source", "")
+    if not isinstance(source, str):
+        raise DataError(f"{where}: field 'source' is {type(source).__name__}, expected a string")
+    return Conversation(tuple(turns), source, path, line)
 
 
 def numbered_lines(path: str | pathlib.Path) -> Iterator[tuple[int, str]]:
@@ -138,6 +148,6 @@ def iter_jsonl(path: str | pathlib.Path) -> Iterator[tuple[int, object]]:
 
 
 def read_conversations(path: str | pathlib.Path, schema: str = "auto",
-                       for_training: bool = True) -> list[Conversation]:
+                       for_training: bool | None = True) -> list[Conversation]:
     """Every conversation in a JSONL file; the first bad record raises DataError."""
     return [parse_record(record, str(path), line, schema, for_training) for line, record in iter_jsonl(path)]

@@ -1,24 +1,42 @@
-"""From conversations to training batches: tokenize, mask, trim, pad, shuffle per epoch, split per host.
+"""From conversations to training batches: tokenize, mask, trim, lay out rows, shuffle per epoch, split per host.
 
 A row holds `max_len` input positions: `tokens[i]` predicts `targets[i]`, weighted by `weights[i]`
 (1 on assistant tokens and their EOT by default, or on every token with `loss_on="all"`). Conversations
-longer than `max_len + 1` tokens are trimmed at the end. `segment_ids` are 1 on real tokens and 0 on
-padding; `positions` count from 0. Every epoch visits every example once in an order that depends only
-on (seed, epoch); the last, short batch is filled with empty rows (weight 0) instead of being dropped.
+longer than `max_len + 1` tokens are trimmed at the end. Without packing a row holds one example; with
+packing (`config.data.packing`) a row holds several, laid out by best-fit decreasing (`packing.py`);
+`segment_ids` number a row's examples 1, 2, ... (0 = padding) and `positions` restart at 0 for each.
+
+`train.batch_size` counts *rows* per step in both modes. The rows of an epoch, and so the steps per
+epoch, are known before training: without packing one row per example; with packing the number of
+best-fit-decreasing bins of the example lengths, which does not depend on the order (see
+`best_fit_decreasing`), so every epoch has the same number of steps and the learning-rate schedule knows
+the total in advance. Every epoch visits every example once in an order that depends only on
+(seed, epoch); the last, short batch is filled with empty rows (weight 0) instead of being dropped.
+Each host builds only its own rows of every global batch, from step `start_step` on (resuming).
+
+Examples come from a JSONL file (`formats.py`) or a prepared TFDS dataset (`tfds_builders.py`).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
+import hashlib
 import logging
 import math
-from typing import Iterator, Sequence
+import multiprocessing
+import os
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from lima_jax.data.formats import Conversation, DataError, numbered_lines, parse_json_line, parse_record
+from lima_jax.data.packing import ROW_FIELDS, best_fit_decreasing, token_efficiency, write_rows
 from lima_jax.tokenizer import Tokenizer
 
-BATCH_FIELDS = ("tokens", "targets", "weights", "segment_ids", "positions")
+BATCH_FIELDS = ROW_FIELDS
+# Below this many conversations one process tokenizes faster than starting workers (LIMA: 1,030).
+PARALLEL_MIN_CONVERSATIONS = 50_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +47,7 @@ class Example:
     source: str
     where: str  # file:line
     trimmed: bool
+    full_length: int = 0  # tokens of the whole conversation before trimming (BOS and EOTs included)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -47,7 +66,7 @@ def tokenize_conversation(tokenizer: Tokenizer, conv: Conversation, max_len: int
         reason = "trimmed to data.max_len" if trimmed else "empty"
         raise DataError(f"{conv.where}: the loss mask is {reason}: no assistant token to train on "
                         f"({len(dialog.ids)} tokens, max_len {max_len})")
-    return Example(ids[:-1], ids[1:], weights, conv.source, conv.where, trimmed)
+    return Example(ids[:-1], ids[1:], weights, conv.source, conv.where, trimmed, len(dialog.ids))
 
 
 @dataclasses.dataclass
@@ -62,21 +81,90 @@ class LoadReport:
         return sum(e.trimmed for e in self.examples)
 
 
-def load_examples(path: str, tokenizer: Tokenizer, max_len: int, loss_on: str = "assistant",
-                  on_bad_example: str = "error", schema: str = "auto") -> LoadReport:
-    """Reads and tokenizes a JSONL file. Bad records raise DataError, or with "skip" are counted and logged."""
-    examples, skipped = [], []
+def iter_conversations(path: str, schema: str = "auto") -> Iterator[Conversation | DataError]:
+    """Each training record of a JSONL file or a prepared TFDS dataset (`dir` or `dir:split`), in file
+    order: its Conversation, or the DataError (naming file and line) that makes it unusable."""
+    from lima_jax.data import tfds_builders  # tensorflow_datasets is imported only when a dataset is read
+
+    if tfds_builders.is_dataset_path(path):
+        for conv in tfds_builders.read_conversations(path):
+            if len(conv.turns) % 2:
+                yield DataError(f"{conv.where}: {len(conv.turns)} turns (a prompt); a training conversation "
+                                f"must end with the assistant (dataset {path})")
+            else:
+                yield conv
+        return
     for line, text in numbered_lines(path):
         try:
-            conv = parse_record(parse_json_line(text, path, line), str(path), line, schema, for_training=True)
-            examples.append(tokenize_conversation(tokenizer, conv, max_len, loss_on))
+            yield parse_record(parse_json_line(text, path, line), str(path), line, schema, for_training=True)
         except DataError as e:
-            if on_bad_example != "skip":
-                raise
-            skipped.append(str(e))
-            logging.warning("skipped bad example (%d so far): %s", len(skipped), e)
+            yield e
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_tokenizer(path: str) -> Tokenizer:
+    return Tokenizer(path)
+
+
+def _tokenize_or_error(tokenizer: Tokenizer, conv: Conversation, max_len: int, loss_on: str) -> Example | DataError:
+    try:
+        return tokenize_conversation(tokenizer, conv, max_len, loss_on)
+    except DataError as e:
+        return e
+
+
+def _tokenize_chunk(tokenizer_path: str, convs: list[Conversation], max_len: int,
+                    loss_on: str) -> list[Example | DataError]:
+    tokenizer = _worker_tokenizer(tokenizer_path)
+    return [_tokenize_or_error(tokenizer, conv, max_len, loss_on) for conv in convs]
+
+
+def tokenize_all(tokenizer: Tokenizer, convs: Sequence[Conversation], max_len: int, loss_on: str = "assistant",
+                 num_workers: int | None = None) -> list[Example | DataError]:
+    """`tokenize_conversation` of every conversation, in order, a DataError in place of each failure.
+
+    `num_workers` > 1 tokenizes in that many processes (spawned: safe after JAX has started threads);
+    None picks one process below PARALLEL_MIN_CONVERSATIONS conversations and all cores above.
+    """
+    if num_workers is None:
+        num_workers = 1 if len(convs) < PARALLEL_MIN_CONVERSATIONS else (os.cpu_count() or 1)
+    if num_workers <= 1 or len(convs) < 2:
+        return [_tokenize_or_error(tokenizer, conv, max_len, loss_on) for conv in convs]
+    chunk = math.ceil(len(convs) / (4 * num_workers))
+    chunks = [list(convs[i:i + chunk]) for i in range(0, len(convs), chunk)]
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = pool.map(_tokenize_chunk, [str(tokenizer.path)] * len(chunks), chunks,
+                        [max_len] * len(chunks), [loss_on] * len(chunks))
+        return [item for part in done for item in part]
+
+
+def _keep_or_raise(items: Iterable[Example | Conversation | DataError], on_bad_example: str,
+                   skipped: list[str]) -> list:
+    kept = []
+    for item in items:
+        if not isinstance(item, DataError):
+            kept.append(item)
+        elif on_bad_example != "skip":
+            raise item
+        else:
+            skipped.append(str(item))
+            logging.warning("skipped bad example (%d so far): %s", len(skipped), item)
+    return kept
+
+
+def load_examples(path: str, tokenizer: Tokenizer, max_len: int, loss_on: str = "assistant",
+                  on_bad_example: str = "error", schema: str = "auto", num_workers: int | None = None) -> LoadReport:
+    """Reads and tokenizes a JSONL file or a prepared TFDS dataset (`dir` or `dir:split`, see
+    `tfds_builders`). Bad records raise DataError naming file and line, or with on_bad_example="skip"
+    are counted (`LoadReport.skipped`) and logged."""
+    if on_bad_example not in ("error", "skip"):
+        raise ValueError(f"on_bad_example={on_bad_example!r}: expected 'error' or 'skip'")
+    skipped: list[str] = []
+    convs = _keep_or_raise(iter_conversations(path, schema), on_bad_example, skipped)
+    examples = _keep_or_raise(tokenize_all(tokenizer, convs, max_len, loss_on, num_workers), on_bad_example,
+                              skipped)
     if not examples:
-        raise DataError(f"{path}: no usable examples")
+        raise DataError(f"{path}: no usable examples ({len(skipped)} skipped)")
     return LoadReport(examples, skipped)
 
 
@@ -87,44 +175,98 @@ def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool = True) 
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    return math.ceil(num_examples / batch_size)
+def _row_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    # A stream of its own (the extra 1), so row order and example order are independent.
+    return np.random.default_rng([seed, epoch, 1]).permutation(num_rows) if shuffle else np.arange(num_rows)
+
+
+def epoch_rows(lengths: Sequence[int], *, max_len: int, seed: int, epoch: int, shuffle: bool = True,
+               packing: bool = False) -> list[list[int]]:
+    """The example indices of each row of `epoch`, rows in training order; a function of its arguments only.
+
+    Packing: the examples, in this epoch's order, are packed by best-fit decreasing (so equal lengths
+    are grouped differently from epoch to epoch), then the rows are shuffled.
+    """
+    order = epoch_order(len(lengths), seed, epoch, shuffle)
+    if not packing:
+        return [[int(i)] for i in order]
+    bins = best_fit_decreasing([lengths[i] for i in order], max_len)
+    rows = [[int(order[j]) for j in b] for b in bins]
+    return [rows[k] for k in _row_order(len(rows), seed, epoch, shuffle)]
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """How an epoch's examples fill rows: the count (the same every epoch) and the share of real tokens."""
+
+    num_examples: int
+    num_rows: int
+    max_len: int
+    packing: bool
+    efficiency: float
+
+    def describe(self) -> str:
+        mode = "packed (best-fit decreasing)" if self.packing else "padded, one example per row"
+        return (f"{self.num_examples} examples in {self.num_rows} rows of {self.max_len} tokens, {mode}: "
+                f"{100 * self.efficiency:.1f}% of row tokens are real (non-pad)")
+
+
+def row_layout(examples: Sequence[Example], max_len: int, packing: bool = False) -> RowLayout:
+    """Rows per epoch and token efficiency for `examples`, padded or packed."""
+    lengths = [len(e) for e in examples]
+    num_rows = len(best_fit_decreasing(lengths, max_len)) if packing else len(lengths)
+    return RowLayout(len(lengths), num_rows, max_len, packing, token_efficiency(lengths, num_rows, max_len))
+
+
+def steps_per_epoch(num_rows: int, batch_size: int) -> int:
+    """Optimizer steps per epoch: `num_rows` (examples without packing, `row_layout(...).num_rows` with)
+    in batches of `batch_size` rows, the last one filled up with empty rows."""
+    return math.ceil(num_rows / batch_size)
+
+
+def input_signature(examples: Sequence[Example], *, batch_size: int, max_len: int, seed: int, shuffle: bool,
+                    packing: bool) -> str:
+    """A digest of everything that decides which rows step k of epoch e trains on. Stored next to
+    (epoch, batches_done) in a checkpoint, it lets a resumed run refuse to continue on different data or
+    settings, where the saved position would no longer point at the same examples."""
+    digest = hashlib.sha256(repr((batch_size, max_len, seed, shuffle, packing, len(examples))).encode())
+    for ex in examples:
+        digest.update(ex.tokens.tobytes())
+        digest.update(ex.weights.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_input_signature(meta: dict, signature: str, checkpoint: str) -> None:
+    """Raises DataError when a checkpoint's saved input signature differs from this run's (see
+    `input_signature`); checkpoints written before signatures existed are accepted."""
+    saved = meta.get("data_signature")
+    if saved is not None and saved != signature:
+        raise DataError(f"{checkpoint}: saved at epoch {meta.get('epoch')} after {meta.get('batches_done')} batches "
+                        f"of different input (signature {saved}, now {signature}): the training data, seed, "
+                        "max_len, shuffle, packing or batch_size changed, so resuming would replay or skip "
+                        "examples. Restore the settings or start a new workdir.")
 
 
 def pad_rows(examples: Sequence[Example | None], max_len: int) -> dict[str, np.ndarray]:
     """Stacks examples into [len(examples), max_len] arrays; None gives an empty (all padding) row."""
-    n = len(examples)
-    batch = {
-        "tokens": np.zeros((n, max_len), np.int32),
-        "targets": np.zeros((n, max_len), np.int32),
-        "weights": np.zeros((n, max_len), np.float32),
-        "segment_ids": np.zeros((n, max_len), np.int32),
-        "positions": np.zeros((n, max_len), np.int32),
-    }
-    for row, ex in enumerate(examples):
-        if ex is None:
-            continue
-        k = len(ex)
-        batch["tokens"][row, :k] = ex.tokens
-        batch["targets"][row, :k] = ex.targets
-        batch["weights"][row, :k] = ex.weights
-        batch["segment_ids"][row, :k] = 1
-        batch["positions"][row, :k] = np.arange(k)
-    return batch
+    return write_rows([[] if ex is None else [ex] for ex in examples], max_len)
 
 
 def epoch_batches(examples: Sequence[Example], *, batch_size: int, max_len: int, seed: int, epoch: int,
-                  shuffle: bool = True, start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                  shuffle: bool = True, start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                  packing: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """This host's share of each global batch of `epoch`, from batch `start_step` on (for resuming).
 
-    Host p of P gets rows [p*B/P, (p+1)*B/P) of every global batch of B examples.
+    A global batch is `batch_size` rows (see `epoch_rows`); host p of P builds only rows
+    [p*B/P, (p+1)*B/P) of each.
     """
     if batch_size % process_count:
         raise ValueError(f"train.batch_size={batch_size} is not divisible by {process_count} processes")
     per_host = batch_size // process_count
-    order = epoch_order(len(examples), seed, epoch, shuffle)
-    for step in range(start_step, steps_per_epoch(len(examples), batch_size)):
-        ids = order[step * batch_size:(step + 1) * batch_size]
-        rows: list[Example | None] = [examples[i] for i in ids] + [None] * (batch_size - len(ids))
-        yield pad_rows(rows[process_index * per_host:(process_index + 1) * per_host], max_len)
+    rows = epoch_rows([len(e) for e in examples], max_len=max_len, seed=seed, epoch=epoch, shuffle=shuffle,
+                      packing=packing)
+    for step in range(start_step, steps_per_epoch(len(rows), batch_size)):
+        global_rows = rows[step * batch_size:(step + 1) * batch_size]
+        global_rows += [[]] * (batch_size - len(global_rows))
+        mine = global_rows[process_index * per_host:(process_index + 1) * per_host]
+        yield write_rows([[examples[i] for i in row] for row in mine], max_len)

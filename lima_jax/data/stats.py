@@ -1,0 +1,102 @@
+"""What a training set looks like once tokenized: counts, token lengths per source, trimming, and how well
+the examples fill rows padded vs packed. `python -m lima_jax.data stats` prints it and draws a histogram."""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Sequence
+
+import numpy as np
+
+from lima_jax.data.pipeline import Example, LoadReport, RowLayout, row_layout, steps_per_epoch
+
+NO_SOURCE = "(no source)"
+PERCENTILES = (50, 90, 99)
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthSummary:
+    """Token lengths of whole conversations (BOS and EOTs included, before trimming)."""
+
+    count: int
+    total: int
+    mean: float
+    minimum: int
+    percentiles: dict[int, float]
+    maximum: int
+    trimmed: int
+
+    @classmethod
+    def of(cls, examples: Sequence[Example]) -> "LengthSummary":
+        lengths = np.asarray([e.full_length for e in examples], np.int64)
+        return cls(len(lengths), int(lengths.sum()), float(lengths.mean()), int(lengths.min()),
+                   {p: float(np.percentile(lengths, p)) for p in PERCENTILES}, int(lengths.max()),
+                   sum(e.trimmed for e in examples))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataStats:
+    path: str
+    max_len: int
+    num_skipped: int
+    overall: LengthSummary
+    per_source: dict[str, LengthSummary]
+    target_tokens: int
+    padded: RowLayout
+    packed: RowLayout
+
+
+def compute_stats(path: str, report: LoadReport, max_len: int) -> DataStats:
+    """Statistics of the examples `load_examples(path, ...)` returned."""
+    examples = report.examples
+    sources = sorted({e.source for e in examples})
+    per_source = {s or NO_SOURCE: LengthSummary.of([e for e in examples if e.source == s]) for s in sources}
+    return DataStats(str(path), max_len, len(report.skipped), LengthSummary.of(examples), per_source,
+                     int(sum(e.weights.sum() for e in examples)), row_layout(examples, max_len, packing=False),
+                     row_layout(examples, max_len, packing=True))
+
+
+def _summary_line(name: str, s: LengthSummary) -> str:
+    pct = " ".join(f"{s.percentiles[p]:>7.0f}" for p in PERCENTILES)
+    return (f"{name:<16} {s.count:>6} {s.total:>10,} {s.mean:>7.0f} {s.minimum:>6} {pct} {s.maximum:>7} "
+            f"{s.trimmed:>7}")
+
+
+def format_stats(stats: DataStats, batch_size: int | None = None) -> str:
+    """The human-readable report printed by `python -m lima_jax.data stats`."""
+    header = f"{'source':<16} {'count':>6} {'tokens':>10} {'mean':>7} {'min':>6} " + " ".join(
+        f"{'p' + str(p):>7}" for p in PERCENTILES) + f" {'max':>7} {'trimmed':>7}"
+    lines = [f"data: {stats.path}",
+             f"examples: {stats.overall.count} kept, {stats.num_skipped} skipped; "
+             f"{stats.overall.trimmed} trimmed to max_len={stats.max_len} (+1 for the shifted target)",
+             f"target (loss) tokens after trimming: {stats.target_tokens:,}",
+             "conversation length in tokens (BOS and EOTs included, before trimming):", header]
+    lines += [_summary_line(name, s) for name, s in stats.per_source.items()]
+    if len(stats.per_source) > 1:
+        lines.append(_summary_line("all", stats.overall))
+    for layout in (stats.padded, stats.packed):
+        line = layout.describe()
+        if batch_size:
+            line += f"; {steps_per_epoch(layout.num_rows, batch_size)} steps/epoch at batch_size={batch_size} rows"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def write_histogram(stats: DataStats, examples: Sequence[Example], png: str | pathlib.Path) -> None:
+    """A stacked histogram of conversation lengths per source, with the trimming length marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(stats.per_source)
+    groups = [[e.full_length for e in examples if (e.source or NO_SOURCE) == name] for name in names]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.hist(groups, bins=60, stacked=True, label=names)
+    ax.axvline(stats.max_len + 1, color="black", linestyle="--", label=f"trimmed above {stats.max_len + 1}")
+    ax.set_xlabel("tokens per conversation (BOS and EOTs included)")
+    ax.set_ylabel("examples")
+    ax.set_title(f"{pathlib.Path(stats.path).name}: {stats.overall.count} examples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)

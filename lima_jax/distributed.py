@@ -1,0 +1,121 @@
+"""Multi-host start-up and barriers that fail loudly instead of hanging.
+
+Every host of a pod slice runs the same `python -m lima_jax.train ...`. `initialize()` connects them:
+
+* Cloud TPU (several workers), SLURM, Open MPI: `jax.distributed.initialize()` finds the coordinator,
+  process count and id by itself.
+* Anywhere else: `--coordinator_address=host:port --num_processes=N --process_id=i`, or the environment
+  variables LIMA_COORDINATOR_ADDRESS / LIMA_NUM_PROCESSES / LIMA_PROCESS_ID.
+* A single process: nothing to do.
+
+Both the connection and every `barrier()` have a timeout; when it runs out the error says which process
+waited for what, and what usually causes it (a host that crashed earlier, or did not run the command).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import jax
+from absl import flags, logging
+
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a multi-host run outside Cloud TPU/SLURM "
+    "(env LIMA_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (env LIMA_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0-based (env LIMA_PROCESS_ID).")
+_INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300,
+                                     "Seconds to wait for all processes to connect, and at each barrier.")
+_CPU_COLLECTIVES = flags.DEFINE_string(
+    "cpu_collectives", None, "CPU collectives for multi-process CPU runs (e.g. 'gloo'; env LIMA_CPU_COLLECTIVES).")
+
+
+class DistributedError(RuntimeError):
+    """A multi-host step (connection, barrier) did not complete in time."""
+
+
+_barrier_ids = itertools.count()
+
+
+def _on_cloud_tpu_vm() -> bool:
+    try:
+        from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm  # jax's own check (TPU chips present)
+    except ImportError:
+        return False
+    return bool(running_in_cloud_tpu_vm)
+
+
+def _auto_detected_cluster() -> bool:
+    """True where jax.distributed finds the cluster by itself (Cloud TPU VMs, SLURM, Open MPI)."""
+    tpu_workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return (_on_cloud_tpu_vm() or "," in tpu_workers or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+            or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+            or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, timeout_s: int = 300, cpu_collectives: str | None = None) -> None:
+    """Connects this process to the others (see the module docstring); a no-op for a single process."""
+    coordinator_address = coordinator_address or os.environ.get("LIMA_COORDINATOR_ADDRESS") or None
+    if num_processes is None and os.environ.get("LIMA_NUM_PROCESSES"):
+        num_processes = int(os.environ["LIMA_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("LIMA_PROCESS_ID"):
+        process_id = int(os.environ["LIMA_PROCESS_ID"])
+    cpu_collectives = cpu_collectives or os.environ.get("LIMA_CPU_COLLECTIVES") or None
+    explicit = coordinator_address is not None or (num_processes or 1) > 1
+    if not explicit and not _auto_detected_cluster():
+        return
+    if explicit and (coordinator_address is None or num_processes is None or process_id is None):
+        raise DistributedError(
+            f"multi-host run needs all of --coordinator_address, --num_processes, --process_id (or the "
+            f"LIMA_* environment variables); got {coordinator_address!r}, {num_processes!r}, {process_id!r}")
+    if explicit and not 0 <= process_id < num_processes:
+        raise DistributedError(f"--process_id={process_id} is not in [0, --num_processes={num_processes})")
+    if cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    where = coordinator_address or "the auto-detected coordinator"
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=int(timeout_s))
+    except Exception as e:  # jaxlib raises its own XlaRuntimeError types; re-raise with the context
+        raise DistributedError(
+            f"process {process_id if process_id is not None else '?'} of {num_processes or '?'} could not join "
+            f"the job at {where} within {timeout_s}s ({type(e).__name__}: {e}). Check that every host runs the "
+            f"same command, that process 0 is up and its port is reachable, and that process ids are "
+            f"distinct.") from e
+    logging.info("distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def initialize_from_flags() -> None:
+    """`initialize()` with this module's absl flags (for `main()` of the command-line tools)."""
+    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _INIT_TIMEOUT.value,
+               _CPU_COLLECTIVES.value)
+
+
+def barrier_timeout_s() -> int:
+    return _INIT_TIMEOUT.value if flags.FLAGS.is_parsed() else _INIT_TIMEOUT.default
+
+
+def barrier(name: str, timeout_s: int | None = None) -> None:
+    """Waits until every process reaches the barrier `name`, or raises DistributedError after `timeout_s`."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the client is not exported publicly
+    client = jax_distributed.global_state.client
+    if client is None:
+        raise DistributedError(f"barrier {name!r}: jax.distributed is not initialized")
+    timeout_s = barrier_timeout_s() if timeout_s is None else timeout_s
+    barrier_id = f"lima_{name}_{next(_barrier_ids)}"  # all processes call barriers in the same order
+    try:
+        client.wait_at_barrier(barrier_id, int(timeout_s * 1000))
+    except Exception as e:
+        raise DistributedError(
+            f"process {jax.process_index()} of {jax.process_count()} waited {timeout_s}s at barrier {name!r} "
+            f"and not every process arrived ({type(e).__name__}: {e}). Another host probably failed earlier: "
+            f"look at its log.") from e
+
+
+def is_main_process() -> bool:
+    """Host 0: the one that logs, writes metrics and prints reports."""
+    return jax.process_index() == 0

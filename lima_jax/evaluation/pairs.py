@@ -1,0 +1,208 @@
+"""Two response files on the same prompts, matched into pairs, and the judgments file that records each
+verdict the moment it is made (append, flush, fsync) so a session can be interrupted and resumed.
+
+A response file is JSONL with, per line, the prompt (`input`, as `lima_jax.generate` writes, or `prompt`:
+a string or a list of turns) and the answer (`response`; with `responses`, one answer per round of a
+multi-turn question). Prompts are matched by their text, so both files may list them in any order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import random
+from typing import Iterator, Sequence
+
+from lima_jax.data.formats import DataError, iter_jsonl
+
+CHOICES = ("a", "b", "tie")
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    prompt: tuple[str, ...]  # the user's turns
+    text: str  # the answer (a transcript of all rounds for multi-turn questions)
+    where: str
+
+    @property
+    def key(self) -> str:
+        return json.dumps(self.prompt, ensure_ascii=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One prompt with system A's and system B's answers."""
+
+    pair_id: str
+    prompt: tuple[str, ...]
+    a: str
+    b: str
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt[0] if len(self.prompt) == 1 else "\n\n".join(
+            f"[turn {i + 1}] {t}" for i, t in enumerate(self.prompt))
+
+
+def _answer_text(record: dict, prompt: Sequence[str], where: str) -> str:
+    responses = record.get("responses")
+    if isinstance(responses, list) and len(responses) > 1:
+        if len(responses) != len(prompt) or not all(isinstance(r, str) for r in responses):
+            raise DataError(f"{where}: field 'responses' must hold one string per user turn ({len(prompt)})")
+        return "\n\n".join(f"[answer {i + 1}] {r}" for i, r in enumerate(responses))
+    text = record.get("response")
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field 'response' must be a string")
+    return text
+
+
+def parse_response(record: object, path: str, line: int) -> Response:
+    where = f"{path}:{line}"
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object")
+    prompt = record.get("input", record.get("prompt"))
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(t, str) for t in prompt):
+        raise DataError(f"{where}: field 'input' (or 'prompt') must be a string or a non-empty list of strings")
+    if "input" not in record and len(prompt) % 2 == 0:
+        raise DataError(f"{where}: field 'prompt' has {len(prompt)} turns; it must end with the user")
+    if "input" not in record:  # a conversation prefix: the user turns are what identifies the prompt
+        prompt = prompt[::2] if len(prompt) > 1 else prompt
+    return Response(tuple(prompt), _answer_text(record, prompt, where), where)
+
+
+def read_responses(path: str | pathlib.Path) -> dict[str, Response]:
+    """{prompt key: Response}; a prompt that appears twice raises DataError naming both lines."""
+    responses: dict[str, Response] = {}
+    for line, record in iter_jsonl(path):
+        response = parse_response(record, str(path), line)
+        if response.key in responses:
+            raise DataError(f"{response.where}: the same prompt as {responses[response.key].where}")
+        responses[response.key] = response
+    if not responses:
+        raise DataError(f"{path}: no responses")
+    return responses
+
+
+def pair_id(prompt_key: str) -> str:
+    return hashlib.sha1(prompt_key.encode("utf-8")).hexdigest()[:12]
+
+
+def make_pairs(a_path: str | pathlib.Path, b_path: str | pathlib.Path) -> list[Pair]:
+    """Pairs in A's file order; both files must answer exactly the same prompts."""
+    a, b = read_responses(a_path), read_responses(b_path)
+    for mine, other, other_path in ((a, b, b_path), (b, a, a_path)):
+        missing = [r for k, r in mine.items() if k not in other]
+        if missing:
+            raise DataError(f"{missing[0].where}: this prompt has no answer in {other_path} "
+                            f"({len(missing)} prompt(s) unmatched); both files must answer the same prompts")
+    return [Pair(pair_id(k), r.prompt, r.text, b[k].text) for k, r in a.items()]
+
+
+def first_shown(pair: Pair, seed: int) -> str:
+    """Which system's answer is shown as "Response 1" ("a" or "b"): random, but fixed for (seed, pair) so
+    a resumed session shows a pair the same way."""
+    return random.Random(f"{seed}:{pair.pair_id}").choice(("a", "b"))
+
+
+def presentation_order(pairs: Sequence[Pair], seed: int) -> list[Pair]:
+    """The pairs in a random order that depends only on the seed."""
+    order = list(pairs)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+# ------------------------------------------------------------------------------------------ judgments
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class JudgmentStore:
+    """An append-only JSONL file of judgments, one line per pair, synced to disk as each one is made.
+
+    Every line names the two systems (`a_name`, `b_name`); reopening a file made for other systems is an
+    error, so two comparisons never mix. A last line cut short by a crash (never acknowledged) is dropped.
+    """
+
+    def __init__(self, path: str | pathlib.Path, a_name: str, b_name: str):
+        self.path = pathlib.Path(path)
+        self.a_name, self.b_name = a_name, b_name
+        self.records = self._load()
+        self._done = {r["pair_id"] for r in self.records}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def _load(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        text = self.path.read_text(encoding="utf-8")
+        lines = text.split("\n")
+        if lines and lines[-1].strip():  # no final newline: an interrupted write
+            try:
+                json.loads(lines[-1])
+                complete = "\n".join(lines) + "\n"
+            except json.JSONDecodeError:
+                complete = "\n".join(lines[:-1]) + ("\n" if len(lines) > 1 else "")
+            self.path.write_text(complete, encoding="utf-8")
+        records = [record for _, record in iter_jsonl(self.path)] if self.path.stat().st_size else []
+        for i, record in enumerate(records, start=1):
+            if not isinstance(record, dict) or record.get("winner") not in CHOICES or "pair_id" not in record:
+                raise DataError(f"{self.path}:{i}: not a judgment (needs 'pair_id' and 'winner' in {CHOICES})")
+            if (record.get("a_name"), record.get("b_name")) != (self.a_name, self.b_name):
+                raise DataError(f"{self.path}:{i}: judges {record.get('a_name')!r} vs {record.get('b_name')!r}, "
+                                f"not {self.a_name!r} vs {self.b_name!r}; use another --judgments file")
+        return records
+
+    @property
+    def done(self) -> frozenset[str]:
+        return frozenset(self._done)
+
+    def add(self, pair: Pair, winner: str, **fields) -> dict:
+        """Records the verdict on `pair` (winner: "a", "b" or "tie") and syncs it to disk before returning."""
+        if winner not in CHOICES:
+            raise ValueError(f"winner={winner!r}: not one of {CHOICES}")
+        record = {"pair_id": pair.pair_id, "prompt": list(pair.prompt), "a_name": self.a_name,
+                  "b_name": self.b_name, "winner": winner, **fields, "time": _now()}
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.records.append(record)
+        self._done.add(pair.pair_id)
+        return record
+
+    def pending(self, pairs: Sequence[Pair]) -> Iterator[Pair]:
+        """The pairs not yet judged, re-checked as the iteration goes (another page may judge one)."""
+        for pair in pairs:
+            if pair.pair_id not in self._done:
+                yield pair
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "JudgmentStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_judgments(path: str | pathlib.Path) -> list[dict]:
+    """Judgments of a file written by `JudgmentStore` (any systems), each checked."""
+    records = []
+    for line, record in iter_jsonl(path):
+        if not isinstance(record, dict) or record.get("winner") not in CHOICES or not {
+                "pair_id", "a_name", "b_name"} <= set(record):
+            raise DataError(f"{path}:{line}: not a judgment (needs pair_id, a_name, b_name, winner in {CHOICES})")
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: no judgments")
+    names = {(r["a_name"], r["b_name"]) for r in records}
+    if len(names) > 1:
+        raise DataError(f"{path}: mixes comparisons {sorted(names)}")
+    return records

@@ -1,0 +1,400 @@
+"""lima_jax.convert: Hugging Face and Meta imports against references, export back, format errors.
+
+Parity tolerance: float32 logits of order 1-10 agree within 1e-4 absolute (observed differences are ~1e-6,
+the rounding of different summation orders); a wrong RoPE layout or transpose gives differences of order 1.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import struct
+
+import jax
+import ml_dtypes
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lima_jax import checkpoint, convert
+from lima_jax.config import ModelConfig
+from lima_jax.model import Llama
+
+LOGIT_TOL = 1e-4
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TOY_TOKENIZER = REPO / "data" / "toy_tokenizer.model"
+
+
+def lima_logits(ckpt: pathlib.Path, tokens: np.ndarray) -> np.ndarray:
+    cfg = ModelConfig(**checkpoint.read_params_meta(ckpt)["model"])
+    params = checkpoint.restore_params(ckpt)
+    cfg = ModelConfig(**{**cfg.__dict__, "param_dtype": "float32"})
+    logits, _ = Llama(cfg).apply({"params": jax.tree.map(jnp.asarray, params)}, jnp.asarray(tokens))
+    return np.asarray(logits)
+
+
+# ------------------------------------------------------------------------------------ Hugging Face
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    """A tiny random transformers LlamaForCausalLM with grouped-query attention (4 query, 2 KV heads), its
+    vocabulary the toy tokenizer plus EOT, saved sharded in the transformers 5 config form."""
+    torch = pytest.importorskip("torch", reason="torch is in the 'parity' extra")
+    transformers = pytest.importorskip("transformers", reason="transformers is in the 'parity' extra")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=513, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # weights large enough that every layer matters to the logits
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("hf") / "tiny"
+    model.save_pretrained(folder, max_shard_size="100KB")
+    return model, folder
+
+
+def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+TOKENS = np.random.default_rng(0).integers(0, 513, size=(2, 24))
+
+
+def _old_style(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
+    """The same model with a transformers 4 config.json (rope_theta / torch_dtype) and one safetensors."""
+    from safetensors.numpy import load_file, save_file
+    dst.mkdir()
+    hf = json.loads((src / "config.json").read_text())
+    theta = hf.pop("rope_parameters")["rope_theta"]
+    hf.update(rope_theta=theta, torch_dtype=hf.pop("dtype", "float32"), rope_scaling=None)
+    (dst / "config.json").write_text(json.dumps(hf))
+    tensors = {}
+    for shard in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_hf_config_forms_agree(hf_model, tmp_path):
+    _, folder = hf_model
+    assert (folder / "model.safetensors.index.json").is_file()  # the fixture really is sharded
+    new = convert.HuggingFaceSource(folder)
+    old = convert.HuggingFaceSource(_old_style(folder, tmp_path / "old"))
+    assert new.config == old.config
+    assert (new.config.rope_theta, new.config.n_kv_heads, new.config.param_dtype) == (500000.0, 2, "float32")
+
+
+@pytest.mark.parametrize("form", ["sharded_v5_config", "single_v4_config"])
+def test_hf_import_logits_match_transformers(hf_model, tmp_path, form):
+    model, folder = hf_model
+    if form == "single_v4_config":
+        folder = _old_style(folder, tmp_path / "old")
+    convert.import_checkpoint(convert.HuggingFaceSource(folder), tmp_path / "lima")
+    ours, ref = lima_logits(tmp_path / "lima", TOKENS), torch_logits(model, TOKENS)
+    diff = float(np.max(np.abs(ours - ref)))
+    print(f"\nHF({form}) -> lima_jax: max |logit diff| = {diff:.2e} (tolerance {LOGIT_TOL}, logit scale "
+          f"{np.abs(ref).max():.1f})")
+    assert diff < LOGIT_TOL
+
+
+@pytest.fixture(scope="module")
+def exported(hf_model, tmp_path_factory):
+    """HF -> lima_jax -> HF (via the CLI), plus the intermediate lima_jax checkpoint."""
+    _, folder = hf_model
+    root = tmp_path_factory.mktemp("export")
+    convert.main(["from_hf", "--input", str(folder), "--output", str(root / "lima")])
+    convert.main(["to_hf", "--input", str(root / "lima"), "--tokenizer", str(TOY_TOKENIZER),
+                  "--output", str(root / "hf"), "--max_shard_gb", "0.0001"])
+    return root / "lima", root / "hf"
+
+
+def test_export_logits_match_in_transformers(exported):
+    import transformers
+    lima, hf = exported
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(hf, local_files_only=True).eval()
+    ref = lima_logits(lima, TOKENS)
+    diff = float(np.max(np.abs(torch_logits(reloaded, TOKENS) - ref)))
+    print(f"\nlima_jax -> HF: max |logit diff| = {diff:.2e} (tolerance {LOGIT_TOL})")
+    assert diff < LOGIT_TOL
+
+
+def _tensors(folder: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    out = {}
+    for f in folder.glob("*.safetensors"):
+        out.update(load_file(f))
+    return out
+
+
+def test_hf_round_trip_is_exact(hf_model, exported):
+    _, original = hf_model
+    _, hf = exported
+    assert (hf / "model.safetensors.index.json").is_file()  # --max_shard_gb split the export
+    a, b = _tensors(original), _tensors(hf)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
+    assert convert.HuggingFaceSource(original).config == convert.HuggingFaceSource(hf).config
+
+
+def test_export_tokenizer_and_stop_token(exported):
+    import transformers
+    from lima_jax.tokenizer import Tokenizer
+    _, hf = exported
+    ours = Tokenizer(TOY_TOKENIZER)
+    tok = transformers.AutoTokenizer.from_pretrained(hf, local_files_only=True)
+    texts = ["What is the capital of France?", "  two  spaces\tand\nlines  ", "Ünïcödé ﬁ ½ 123456789", ""]
+    for text in texts:
+        assert tok(text, add_special_tokens=False).input_ids == ours.encode(text), text
+        assert tok(text).input_ids == [ours.bos_id] + ours.encode(text)
+    assert tok.convert_tokens_to_ids("<eot>") == ours.eot_id and "<eot>" in tok.all_special_tokens
+    assert tok.eos_token_id == ours.eot_id
+    gen = transformers.GenerationConfig.from_pretrained(hf, local_files_only=True)
+    assert gen.eos_token_id == ours.eot_id
+    turns = ["Hi there, how are you?", "Fine, thanks. 42!", "And now?"]
+    messages = [{"role": role, "content": text} for role, text in zip(["user", "assistant"] * 2, turns)]
+    assert tok.apply_chat_template(messages, return_dict=True)["input_ids"] == ours.encode_dialog(turns).ids
+
+
+def test_exported_model_stops_at_eot(exported, tmp_path):
+    """`generate` stops at EOT: a model rigged so that EOT is always the argmax stops after one token."""
+    import torch
+    import transformers
+    lima, _ = exported
+    params = checkpoint.restore_params(lima)
+    cfg = ModelConfig(**checkpoint.read_params_meta(lima)["model"])
+    params["layers"]["attention"]["wo"][:] = 0.0  # residual stream = the token's embedding ...
+    params["layers"]["mlp"]["w2"][:] = 0.0
+    params["embedding"][:] = 1.0  # ... = ones for every token, so logits = column sums of lm_head
+    params["final_norm"]["scale"][:] = 1.0
+    params["lm_head"][:] = 0.0
+    params["lm_head"][:, 512] = 1.0
+    checkpoint.save_params(tmp_path / "lima", params, cfg)
+    convert.export_hf(tmp_path / "lima", TOY_TOKENIZER, tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
+    prompt = torch.tensor([[1, 5, 6]])
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert out[0].tolist() == [1, 5, 6, 512]
+    longer = model.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    assert longer[0].tolist() == [1, 5, 6] + [512] * 10  # without the stop token it would run on
+
+
+# ----------------------------------------------------------------------------------------------- Meta
+
+
+def _meta_hidden(dim: int, multiple_of: int) -> int:
+    hidden = int(2 * 4 * dim / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+META = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 96, "multiple_of": 32,
+        "norm_eps": 1e-5, "rope_theta": 10000.0}
+
+
+def _meta_weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    d, hd, hidden, v = META["dim"], META["dim"] // META["n_heads"], _meta_hidden(64, 32), META["vocab_size"]
+    kv = META["n_kv_heads"] * hd
+    w = {"tok_embeddings.weight": rng.normal(0, 0.5, (v, d)), "norm.weight": 1 + 0.2 * rng.normal(size=d),
+         "output.weight": rng.normal(0, 0.15, (v, d))}
+    for i in range(META["n_layers"]):
+        shapes = {"attention.wq": (d, d), "attention.wk": (kv, d), "attention.wv": (kv, d), "attention.wo": (d, d),
+                  "feed_forward.w1": (hidden, d), "feed_forward.w3": (hidden, d), "feed_forward.w2": (d, hidden)}
+        for name, shape in shapes.items():
+            w[f"layers.{i}.{name}.weight"] = rng.normal(0, 0.15, shape)
+        w[f"layers.{i}.attention_norm.weight"] = 1 + 0.2 * rng.normal(size=d)
+        w[f"layers.{i}.ffn_norm.weight"] = 1 + 0.2 * rng.normal(size=d)
+    # bfloat16-representable, so the bfloat16 shards hold exactly these values
+    return {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in w.items()}
+
+
+def meta_reference_logits(w: dict[str, np.ndarray], p: dict, tokens: np.ndarray) -> np.ndarray:
+    """Meta's LLaMA forward in numpy, RoPE on interleaved pairs via complex numbers as in Meta's model.py."""
+    n_h, n_kv, d = p["n_heads"], p["n_kv_heads"], p["dim"]
+    hd = d // n_h
+    t = tokens.shape[1]
+    freqs = 1.0 / p["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+    rot = np.exp(1j * np.outer(np.arange(t), freqs))  # [t, hd/2]
+
+    def norm(x, g):
+        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + p["norm_eps"]) * g
+
+    def rope(x):  # [b, t, h, hd]
+        c = (x[..., 0::2] + 1j * x[..., 1::2]) * rot[None, :, None]
+        return np.stack([c.real, c.imag], -1).reshape(x.shape)
+
+    x = w["tok_embeddings.weight"][tokens].astype(np.float64)
+    mask = np.triu(np.full((t, t), -np.inf), 1)
+    for i in range(p["n_layers"]):
+        lw = lambda name: w[f"layers.{i}.{name}.weight"]  # noqa: E731
+        h = norm(x, lw("attention_norm"))
+        q = rope((h @ lw("attention.wq").T).reshape(*h.shape[:2], n_h, hd))
+        k = rope((h @ lw("attention.wk").T).reshape(*h.shape[:2], n_kv, hd)).repeat(n_h // n_kv, axis=2)
+        v = (h @ lw("attention.wv").T).reshape(*h.shape[:2], n_kv, hd).repeat(n_h // n_kv, axis=2)
+        s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd) + mask
+        a = np.exp(s - s.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        x = x + np.einsum("bhqk,bkhd->bqhd", a, v).reshape(x.shape) @ lw("attention.wo").T
+        h = norm(x, lw("ffn_norm"))
+        g = h @ lw("feed_forward.w1").T
+        x = x + (g / (1 + np.exp(-g)) * (h @ lw("feed_forward.w3").T)) @ lw("feed_forward.w2").T
+    return norm(x, w["norm.weight"]) @ w["output.weight"].T
+
+
+_ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
+
+
+def _write_meta(folder: pathlib.Path, weights: dict[str, np.ndarray], n_shards: int) -> pathlib.Path:
+    """Meta's release layout: column-parallel split on dim 0, row-parallel (wo, w2) and the embedding on
+    dim 1, norms replicated in every shard."""
+    import torch
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps(META))
+    for rank in range(n_shards):
+        shard = {}
+        for name, array in weights.items():
+            if "norm" in name:
+                part = array
+            else:
+                axis = 1 if name.startswith("tok_embeddings") or any(r in name for r in _ROW_PARALLEL) else 0
+                part = np.split(array, n_shards, axis=axis)[rank]
+            shard[name] = torch.from_numpy(np.ascontiguousarray(part)).to(torch.bfloat16)  # as LLaMA-2 ships
+        shard["rope.freqs"] = torch.zeros(8)  # LLaMA-1 files carry this buffer; it must be ignored
+        torch.save(shard, folder / f"consolidated.{rank:02d}.pth")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def meta_weights():
+    return _meta_weights(np.random.default_rng(1))
+
+
+def test_meta_two_shards_merge_to_unsplit_and_reference(meta_weights, tmp_path):
+    pytest.importorskip("torch", reason="torch is in the 'parity' extra (reads .pth shards)")
+    tokens = np.random.default_rng(2).integers(0, META["vocab_size"], size=(2, 16))
+    results = {}
+    for n in (1, 2):
+        src = _write_meta(tmp_path / f"meta{n}", meta_weights, n)
+        convert.main(["from_meta", "--input", str(src), "--output", str(tmp_path / f"lima{n}"), "--dtype", "float32"])
+        results[n] = (checkpoint.restore_params(tmp_path / f"lima{n}"), lima_logits(tmp_path / f"lima{n}", tokens))
+    for a, b in zip(jax.tree.leaves(results[1][0]), jax.tree.leaves(results[2][0])):
+        assert np.array_equal(a, b)  # the merged split checkpoint is the unsplit one, bit for bit
+    split_vs_unsplit = float(np.max(np.abs(results[2][1] - results[1][1])))
+    ref = meta_reference_logits(meta_weights, META, tokens)
+    vs_reference = float(np.max(np.abs(results[2][1] - ref)))
+    cfg = ModelConfig(**checkpoint.read_params_meta(tmp_path / "lima2")["model"])
+    print(f"\nMeta 2 shards vs unsplit: max |logit diff| = {split_vs_unsplit:.2e}; vs numpy Meta reference "
+          f"(interleaved RoPE): {vs_reference:.2e} (tolerance {LOGIT_TOL})")
+    assert split_vs_unsplit == 0.0 and vs_reference < LOGIT_TOL
+    assert (cfg.hidden_dim, cfg.n_kv_heads, cfg.vocab_size) == (_meta_hidden(64, 32), 2, META["vocab_size"])
+
+
+def test_meta_rope_layout_matters(meta_weights, tmp_path):
+    """Guards the test above: importing Meta weights as if already rotate-half gives far different logits."""
+    pytest.importorskip("torch", reason="torch is in the 'parity' extra (reads .pth shards)")
+    source = convert.MetaSource(_write_meta(tmp_path / "meta", meta_weights, 1))
+    source.rope_layout = "halves"  # skip the interleaved -> halves permutation
+    convert.import_checkpoint(source, tmp_path / "lima", "float32")
+    tokens = np.random.default_rng(2).integers(0, META["vocab_size"], size=(1, 16))
+    reference = meta_reference_logits(meta_weights, META, tokens)
+    assert np.max(np.abs(lima_logits(tmp_path / "lima", tokens) - reference)) > 0.1
+    q = meta_weights["layers.0.attention.wq.weight"].T.reshape(64, 4, 16)
+    np.testing.assert_array_equal(convert.halves_to_interleaved(convert.interleaved_to_halves(q)), q)
+
+
+def test_meta_missing_shard_tensor_is_named(meta_weights, tmp_path):
+    torch = pytest.importorskip("torch", reason="torch is in the 'parity' extra")
+    src = _write_meta(tmp_path / "meta", meta_weights, 2)
+    shard = torch.load(src / "consolidated.01.pth", weights_only=True)
+    del shard["layers.1.feed_forward.w2.weight"]
+    torch.save(shard, src / "consolidated.01.pth")
+    with pytest.raises(convert.ConversionError, match=r"consolidated.01.pth: tensor layers.1.feed_forward.w2"):
+        convert.import_checkpoint(convert.MetaSource(src), tmp_path / "out")
+    (src / "consolidated.01.pth").rename(src / "consolidated.03.pth")
+    with pytest.raises(convert.ConversionError, match=r"consolidated.00.pth .. 01"):
+        convert.MetaSource(src)
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+def _tiny_hf_folder(folder: pathlib.Path, dtype: str = "float32", **config) -> pathlib.Path:
+    """A minimal valid HF folder written without transformers (config + one safetensors)."""
+    cfg = ModelConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=24)
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    params = {name: rng.normal(size=shape).astype(np_dtype) for name, shape, _ in convert.hf_tensors({}, cfg)}
+    convert.write_safetensors(folder / "model.safetensors", [(n, a.shape, a.dtype) for n, a in params.items()],
+                              params.__getitem__)
+    hf = convert.model_to_hf_config(cfg, dtype, 1, 2, None)
+    hf.update(config)
+    (folder / "config.json").write_text(json.dumps(hf))
+    return folder
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hf_round_trip_without_torch(tmp_path, dtype):
+    """Our own safetensors reader/writer: HF -> lima_jax -> HF is exact with numpy alone, bfloat16 included."""
+    src = _tiny_hf_folder(tmp_path / "src", dtype)
+    cfg = convert.import_checkpoint(convert.HuggingFaceSource(src), tmp_path / "lima")
+    assert cfg.param_dtype == dtype
+    params = checkpoint.restore_params(tmp_path / "lima")
+    assert {str(x.dtype) for x in jax.tree.leaves(params)} == {dtype}
+    convert.write_hf_weights(tmp_path, params, cfg, np.dtype(params["embedding"].dtype), 2**30)
+    a = convert.read_safetensors_header(src / "model.safetensors")
+    b = convert.read_safetensors_header(tmp_path / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        x, y = convert._read_entry(a[name]), convert._read_entry(b[name])
+        assert x.dtype == y.dtype and np.array_equal(x, y), name
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0},
+     r"config.json: rope_parameters.rope_type='llama3'"),
+    ("rope_scaling", {"type": "linear", "factor": 2.0}, r"config.json: rope_scaling.rope_type='linear'"),
+    ("model_type", "mistral", r"config.json: model_type='mistral'"),
+    ("attention_bias", True, r"config.json: attention_bias=true"),
+    ("head_dim", 4, r"config.json: head_dim=4"),
+    ("hidden_act", "gelu", r"config.json: hidden_act='gelu'"),
+])
+def test_hf_bad_config_is_named(tmp_path, field, value, message):
+    if field == "rope_scaling":
+        src = _tiny_hf_folder(tmp_path / "m", rope_parameters=None, rope_scaling=value)
+    else:
+        src = _tiny_hf_folder(tmp_path / "m", **{field: value})
+    with pytest.raises(convert.ConversionError, match=message):
+        convert.HuggingFaceSource(src)
+
+
+def test_hf_shape_mismatch_and_missing_shard_are_named(tmp_path):
+    src = _tiny_hf_folder(tmp_path / "m", intermediate_size=20)
+    with pytest.raises(convert.ConversionError, match=r"model.safetensors: tensor model.layers.0.mlp.gate_proj.weight"
+                                                      r": shape \[24, 16\]"):
+        convert.import_checkpoint(convert.HuggingFaceSource(src), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # validated before anything was written
+    src = _tiny_hf_folder(tmp_path / "s")
+    index = {"weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(convert.ConversionError, match=r"shard model-00002-of-00002.safetensors is listed but missing"):
+        convert.HuggingFaceSource(src)
+
+
+def test_llama2c_truncated_file_is_named(tmp_path):
+    header = struct.pack("<7i", 16, 24, 1, 2, 1, 32, 8)
+    path = tmp_path / "m.bin"
+    path.write_bytes(header + b"\0" * 100)
+    with pytest.raises(convert.ConversionError, match=r"m.bin: size 128 bytes, but the header"):
+        convert.Llama2cSource(path)
+
+
+def test_cli_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        convert.main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("from_hf", "from_meta", "from_llama2c", "to_hf"):
+        assert command in out

@@ -1,0 +1,67 @@
+"""Training with packed rows on the toy config, interrupted mid-epoch and resumed: the resumed run sees
+exactly the batches an uninterrupted run would have (no replay, no skip)."""
+import numpy as np
+import pytest
+
+from lima_jax import data
+from lima_jax.tokenizer import Tokenizer
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _recording(original, seen, crash_after=None):
+    """epoch_batches that records every batch it hands out and fails before batch `crash_after + 1`."""
+    def epoch_batches(*args, **kwargs):
+        for batch in original(*args, **kwargs):
+            if crash_after is not None and len(seen) == crash_after:
+                raise Crash(f"simulated failure after {crash_after} batches")
+            seen.append((kwargs["epoch"], batch))
+            yield batch
+    return epoch_batches
+
+
+@pytest.mark.slow
+def test_toy_training_with_packing_resumes_mid_epoch_with_exactly_the_remaining_batches(toy_config, monkeypatch):
+    from lima_jax.train import train
+
+    config = toy_config
+    config.data.packing = True
+    config.train.batch_size = 8  # rows; divisible by the 8 test devices
+    config.train.num_epochs = 2
+    config.train.checkpoint_every_steps = 1
+    config.eval.dev_report_epochs = ()
+
+    tokenizer = Tokenizer(config.tokenizer.path)
+    examples = data.load_examples(config.data.train_path, tokenizer, config.data.max_len).examples
+    layout = data.row_layout(examples, config.data.max_len, packing=True)
+    per_epoch = data.steps_per_epoch(layout.num_rows, 8)
+    assert layout.num_rows < len(examples) / 2 and per_epoch >= 2
+    expected = [(epoch, batch) for epoch in (1, 2) for batch in data.epoch_batches(
+        examples, batch_size=8, max_len=config.data.max_len, seed=config.seed, epoch=epoch, packing=True)]
+    crash_after = per_epoch + 1  # inside epoch 2
+
+    original = data.epoch_batches
+    first, second = [], []
+    monkeypatch.setattr(data, "epoch_batches", _recording(original, first, crash_after))
+    with pytest.raises(Crash):
+        train(config)
+    monkeypatch.setattr(data, "epoch_batches", _recording(original, second))
+    metrics = train(config)
+
+    assert len(first) == crash_after and second[0][0] == 2
+    got = first + second
+    assert len(got) == len(expected) == 2 * per_epoch
+    for (epoch_a, a), (epoch_b, b) in zip(got, expected):
+        assert epoch_a == epoch_b
+        for field in data.BATCH_FIELDS:
+            np.testing.assert_array_equal(a[field], b[field])
+    assert max(int(b["segment_ids"].max()) for _, b in got) > 1  # rows really hold several examples
+    assert np.isfinite(metrics["loss"]) and metrics["epoch"] == 2
+    assert metrics["tokens"] == (got[-1][1]["segment_ids"] != 0).sum()  # the step saw the packed rows
+
+    # Resuming the same workdir with other input settings would replay or skip examples: refused.
+    config.data.packing = False
+    with pytest.raises(data.DataError, match="different input"):
+        train(config)

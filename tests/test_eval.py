@@ -1,0 +1,312 @@
+"""Pairwise preference evaluation: pairing, the model judge (fake local server), human sessions, statistics."""
+import json
+import re
+import threading
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from lima_jax import eval as eval_cli
+from lima_jax.data.formats import DataError
+from lima_jax.evaluation import human, judge, pairs, stats
+
+# Prompt -> (A's answer, B's answer). "GOOD" marks the answer the fake judge prefers.
+ANSWERS = {
+    "p1": ("GOOD answer one", "meh one"),
+    "p2": ("meh two", "GOOD answer two"),
+    "p3": ("plain three", "plain three too"),  # the fake judge always says [[1]]: orders disagree -> tie
+    "p4": ("GOOD four", "also GOOD four"),  # both GOOD: the fake judge says [[N]] in both orders -> tie
+    "p5": ("odd five", "weird five"),  # the fake judge answers without a verdict -> unparsed -> tie
+}
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def response_files(tmp_path):
+    a = _write(tmp_path / "lima.jsonl", [{"input": [p], "response": x} for p, (x, _) in ANSWERS.items()])
+    # B lists the prompts in another order and in the plain `prompt` schema.
+    b = _write(tmp_path / "base.jsonl", [{"prompt": p, "response": y} for p, (_, y) in reversed(ANSWERS.items())])
+    return a, b
+
+
+def test_pairs_match_prompts_across_orders_and_schemas(response_files):
+    found = pairs.make_pairs(*response_files)
+    assert [(p.prompt, p.a, p.b) for p in found] == [((k,), x, y) for k, (x, y) in ANSWERS.items()]
+
+
+def test_unmatched_or_duplicate_prompts_fail_with_file_and_line(tmp_path, response_files):
+    a, _ = response_files
+    b = _write(tmp_path / "other.jsonl", [{"prompt": "p1", "response": "x"}, {"prompt": "p9", "response": "y"}])
+    with pytest.raises(DataError, match=r"lima.jsonl:2: this prompt has no answer in .*other.jsonl"):
+        pairs.make_pairs(a, b)
+    dup = _write(tmp_path / "dup.jsonl", [{"prompt": "p1", "response": "x"}, {"prompt": "p1", "response": "y"}])
+    with pytest.raises(DataError, match=r"dup.jsonl:2: the same prompt as .*dup.jsonl:1"):
+        pairs.read_responses(dup)
+    bad = _write(tmp_path / "bad.jsonl", [{"prompt": "p1", "response": 3}])
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'response' must be a string"):
+        pairs.read_responses(bad)
+
+
+# ------------------------------------------------------------------------------------------- judge
+
+
+class FakeJudge:
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 with a fixed policy; records every request."""
+
+    def __init__(self):
+        self.requests = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                assert self.path == "/v1/chat/completions"
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append(body)
+                data = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                            "content": fake.policy(body)}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def policy(body):
+        text = body["messages"][0]["content"]
+        one = text.split("[Response 1]")[1].split("[Response 2]")[0]
+        two = text.split("[Response 2]")[1]
+        if "odd" in one or "odd" in two:
+            return "I cannot decide."
+        if "GOOD" in one and "GOOD" in two:
+            return "Both fine.\n[[N]]"
+        if "GOOD" in one:
+            return "Reasoning...\n[[1]]"
+        if "GOOD" in two:
+            return "Reasoning...\n[[2]]"
+        return "The first one, always.\n[[1]]"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_judge():
+    server = FakeJudge()
+    yield server
+    server.close()
+
+
+def test_judge_runs_both_orders_and_maps_disagreements_to_ties(response_files, tmp_path, fake_judge):
+    out = tmp_path / "judge.jsonl"
+    eval_cli.main(["pairwise", "--a", str(response_files[0]), "--b", str(response_files[1]), "--judgments",
+                   str(out), "--mode", "judge", "--judge_url", fake_judge.url, "--judge_model", "fake",
+                   "--judge_timeout_s", "20", "--chunk", "2"])
+    assert len(fake_judge.requests) == 2 * len(ANSWERS)
+    assert all(r["model"] == "fake" and r["temperature"] == 0.0 for r in fake_judge.requests)
+    shown = [(r["messages"][0]["content"].split("[Response 1]\n")[1].split("\n")[0]) for r in fake_judge.requests]
+    for a_text, b_text in ANSWERS.values():  # every pair judged once with A first and once with B first
+        assert shown.count(a_text) == 1 and shown.count(b_text) == 1
+    records = {r["prompt"][0]: r for r in pairs.read_judgments(out)}
+    assert {k: r["winner"] for k, r in records.items()} == {"p1": "a", "p2": "b", "p3": "tie", "p4": "tie",
+                                                            "p5": "tie"}
+    assert records["p3"]["disagreement"] and not records["p4"]["disagreement"]
+    assert [v["winner"] for v in records["p3"]["verdicts"]] == ["a", "b"]
+    assert records["p5"]["unparsed"] == 2
+    # Resuming judges nothing twice.
+    eval_cli.main(["pairwise", "--a", str(response_files[0]), "--b", str(response_files[1]), "--judgments",
+                   str(out), "--mode", "judge", "--judge_url", fake_judge.url, "--judge_model", "fake"])
+    assert len(fake_judge.requests) == 2 * len(ANSWERS)
+
+
+def test_judge_refuses_endpoints_off_localhost_and_bad_templates(tmp_path):
+    for url in ("http://example.com/v1", "http://10.0.0.1:8000/v1", "file:///etc/passwd"):
+        with pytest.raises(ValueError, match="only http"):
+            judge.HttpJudge(url, "m")
+    template = tmp_path / "t.txt"
+    template.write_text("Q: {question}\n1: {response_1}\n")
+    with pytest.raises(ValueError, match=r"t.txt: the judge prompt lacks the placeholder\(s\) \{response_2\}"):
+        judge.load_template(template)
+    assert judge.load_template() and judge.fill("{question}|{response_1}|{response_2}", "{x}", "a", "b") == "{x}|a|b"
+
+
+def test_verdict_parsing_takes_the_last_mark():
+    assert judge.parse_verdict("maybe [[1]] ... no, [[2]]") == "2"
+    assert judge.parse_verdict("[[ N ]]") == "N" and judge.parse_verdict("[[tie]]") == "N"
+    assert judge.parse_verdict("Response 1") is None
+
+
+# ------------------------------------------------------------------------------------------- human
+
+
+def _scripted(answers):
+    """A `read` function that answers from a list, then is interrupted like Ctrl-C."""
+    queue = list(answers)
+
+    def read(_prompt):
+        if not queue:
+            raise KeyboardInterrupt
+        return queue.pop(0)
+    return read
+
+
+def test_terminal_session_interrupted_and_resumed_keeps_every_judgment(response_files, tmp_path):
+    all_pairs = pairs.make_pairs(*response_files)
+    path = tmp_path / "me.jsonl"
+    shown = []
+    with pairs.JudgmentStore(path, "lima", "base") as store:
+        session = human.RatingSession(all_pairs, store, seed=3, rater="me")
+        made = human.run_terminal(session, _scripted(["x", "1", "2"]), shown.append)  # "x" is asked again
+    assert made == 2
+    first_lines = path.read_text().splitlines()
+    assert len(first_lines) == 2
+    with pairs.JudgmentStore(path, "lima", "base") as store:
+        session = human.RatingSession(all_pairs, store, seed=3, rater="me")
+        assert session.num_done == 2
+        assert human.run_terminal(session, _scripted(["n", "1", "q"]), shown.append) == 2
+    with pairs.JudgmentStore(path, "lima", "base") as store:
+        session = human.RatingSession(all_pairs, store, seed=3, rater="me")
+        assert human.run_terminal(session, _scripted(["2"]), shown.append) == 1
+    lines = path.read_text().splitlines()
+    assert lines[:2] == first_lines and len(lines) == len(ANSWERS)
+    records = [json.loads(line) for line in lines]
+    assert len({r["pair_id"] for r in records}) == len(ANSWERS)
+    for r in records:  # the displayed slot maps back to the right system
+        second = "b" if r["shown_first"] == "a" else "a"
+        assert r["winner"] == {"1": r["shown_first"], "2": second, "n": "tie"}[r["answer"]]
+    assert {r["shown_first"] for r in records} == {"a", "b"}  # the order is randomized
+    transcript = "\n".join(shown)
+    assert "lima" not in transcript and "base" not in transcript  # blind
+    assert "interrupted" in transcript and "all 5 pairs judged" in transcript
+
+
+def test_truncated_last_line_is_dropped_and_other_systems_are_refused(response_files, tmp_path):
+    all_pairs = pairs.make_pairs(*response_files)
+    path = tmp_path / "me.jsonl"
+    with pairs.JudgmentStore(path, "lima", "base") as store:
+        store.add(all_pairs[0], "a")
+    with path.open("a") as f:
+        f.write('{"pair_id": "abc", "win')  # a crash in the middle of a write
+    with pairs.JudgmentStore(path, "lima", "base") as store:
+        assert store.done == {all_pairs[0].pair_id}
+        store.add(all_pairs[1], "tie")
+    assert [json.loads(line)["winner"] for line in path.read_text().splitlines()] == ["a", "tie"]
+    with pytest.raises(DataError, match=r"me.jsonl:1: judges 'lima' vs 'base', not 'x' vs 'y'"):
+        pairs.JudgmentStore(path, "x", "y")
+
+
+def _serve(session):
+    server = human.serve_web(session, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def _post(base, pair_id, answer):
+    data = urllib.parse.urlencode({"pair_id": pair_id, "answer": answer}).encode()
+    with urllib.request.urlopen(urllib.request.Request(f"{base}/judge", data=data), timeout=10) as r:
+        return r.status, r.read().decode()  # urllib follows the 303 to the next page
+
+
+def _state(base):
+    with urllib.request.urlopen(f"{base}/state.json", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_web_session_over_http_is_blind_saved_and_resumable(response_files, tmp_path):
+    all_pairs = pairs.make_pairs(*response_files)
+    by_id = {p.pair_id: p for p in all_pairs}
+    path = tmp_path / "web.jsonl"
+    answers = ["1", "2", "n", "1", "2"]
+    expected = {}
+    for stop_after in (2, len(ANSWERS)):  # a first session stopped after two, then a resumed one
+        with pairs.JudgmentStore(path, "lima", "base") as store:
+            session = human.RatingSession(all_pairs, store, seed=5, rater="web")
+            server, base = _serve(session)
+            try:
+                with urllib.request.urlopen(base + "/", timeout=10) as r:
+                    page = r.read().decode()
+                while (state := _state(base))["done"] < stop_after:
+                    nxt = state["next"]
+                    assert nxt["prompt"] in page and "lima" not in page and "base" not in page
+                    pair = by_id[nxt["pair_id"]]
+                    answer = answers[state["done"]]
+                    chosen = {"1": nxt["response_1"], "2": nxt["response_2"]}.get(answer)
+                    expected[pair.pair_id] = "tie" if chosen is None else "a" if chosen == pair.a else "b"
+                    status, page = _post(base, nxt["pair_id"], answer)
+                    assert status == 200
+                    assert len(path.read_text().splitlines()) == state["done"] + 1  # on disk at once
+                assert _post(base, all_pairs[0].pair_id, "1")[0] == 200  # a repeated submit is ignored
+                with pytest.raises(urllib.error.HTTPError, match="400"):
+                    _post(base, all_pairs[0].pair_id, "maybe")
+            finally:
+                server.shutdown()
+                server.server_close()
+    assert _state_done_page(path, all_pairs)
+    records = pairs.read_judgments(path)
+    assert {r["pair_id"]: r["winner"] for r in records} == expected and len(records) == len(ANSWERS)
+
+
+def _state_done_page(path, all_pairs):
+    with pairs.JudgmentStore(path, "lima", "base") as store:
+        session = human.RatingSession(all_pairs, store, seed=5, rater="web")
+        return session.next_pair() is None and "All 5 pairs judged" in human._render_page(session)
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def test_wilson_interval_and_table(tmp_path):
+    low, high = stats.wilson_interval(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+    assert stats.wilson_interval(0, 20)[0] == 0.0 and stats.wilson_interval(20, 20)[1] == 1.0
+    judgments = [{"pair_id": str(i), "a_name": "LIMA", "b_name": "Alpaca", "winner": w}
+                 for i, w in enumerate("a" * 6 + "t" * 3 + "b")]
+    judgments = [{**j, "winner": "tie" if j["winner"] == "t" else j["winner"]} for j in judgments]
+    outcome = stats.outcome(judgments)
+    assert (outcome.wins, outcome.ties, outcome.losses, outcome.n) == (6, 3, 1, 10)
+    table = stats.table_markdown([outcome])
+    assert "| LIMA | Alpaca | 10 | 60.0% [31.3, 83.2] | 30.0% [10.8, 60.3] | 10.0% [1.8, 40.4] | 0 |" in table
+    png = stats.plot_outcomes([outcome, outcome], tmp_path / "fig.png", "test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tie_discounted_agreement_matches_systems_by_name():
+    def rater(a_name, b_name, winners):
+        return [{"pair_id": str(i), "a_name": a_name, "b_name": b_name, "winner": w} for i, w in enumerate(winners)]
+    first = rater("LIMA", "GPT", ["a", "a", "tie", "b", "tie"])
+    second = rater("LIMA", "GPT", ["a", "tie", "b", "a", "tie"])
+    result = stats.agreement(first, second)  # 1 + 0.5 + 0.5 + 0 + 1
+    assert result.n == 5 and result.tie_discounted_accuracy == pytest.approx(3 / 5)
+    assert result.exact_agreement == pytest.approx(2 / 5)
+    swapped = rater("GPT", "LIMA", ["b", "tie", "a", "b", "tie"])  # the same opinions, A and B swapped
+    assert stats.agreement(first, swapped) == result
+    with pytest.raises(ValueError, match="different systems"):
+        stats.agreement(first, rater("LIMA", "Bard", ["a"]))
+
+
+def test_table_and_agreement_commands(tmp_path, capsys):
+    paths = []
+    for name, winners in (("r1", "aabt"), ("r2", "abbt")):
+        path = tmp_path / f"{name}.jsonl"
+        _write(path, [{"pair_id": str(i), "a_name": "LIMA", "b_name": "DaVinci003",
+                       "winner": {"t": "tie"}.get(w, w)} for i, w in enumerate(winners)])
+        paths.append(path)
+    eval_cli.main(["table", str(paths[0]), "--png", str(tmp_path / "f.png"), "--md", str(tmp_path / "t.md")])
+    assert "| LIMA | DaVinci003 | 4 | 50.0%" in capsys.readouterr().out and (tmp_path / "f.png").is_file()
+    eval_cli.main(["agreement", str(paths[0]), str(paths[1])])
+    assert re.search(r"tie-discounted accuracy: 75.0%", capsys.readouterr().out)
