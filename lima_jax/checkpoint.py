@@ -25,12 +25,18 @@ from absl import logging
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lima_jax.config import ModelConfig
+from lima_jax.config import ConfigError, ModelConfig
 
 
 def _abspath(path: str | pathlib.Path) -> str:
     path = str(path)
     return path if "://" in path else str(pathlib.Path(path).resolve())
+
+
+def has_train_checkpoints(directory: str | pathlib.Path) -> bool:
+    """Whether `directory` holds a finished training checkpoint (orbax's temporary folders don't count)."""
+    directory = pathlib.Path(directory)
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 class TrainCheckpoints:
@@ -185,3 +191,36 @@ def load_checkpoint_params(path: str | pathlib.Path, abstract_params: Any = None
     if kind == "train":
         return restore_train_params(folder, abstract_params)
     return restore_params(folder, abstract_params), ModelConfig(**read_params_meta(folder)["model"])
+
+
+# Fields that change what the network computes; a mismatch would load fine and silently compute another
+# function (vocab_size is checked separately: a pretrained model may lack the EOT row).
+ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "tie_embeddings", "rope_theta",
+                       "norm_eps")
+
+
+def stored_model_config(path: str | pathlib.Path) -> dict:
+    """The model config saved with anything `resolve_checkpoint` accepts, read without loading weights."""
+    kind, folder = resolve_checkpoint(path)
+    if kind == "params":
+        return read_params_meta(folder)["model"]
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        return ckptr.restore(pathlib.Path(_abspath(folder)) / "meta")["model"]
+
+
+def check_model_matches(stored: dict, model: ModelConfig, where: str, allow_smaller_vocab: bool = False) -> None:
+    """Raises ConfigError naming `where` and the field when a checkpoint's model differs from the config's.
+
+    With `allow_smaller_vocab` the checkpoint may lack rows the config has (the EOT row of a pretrained
+    model, added on load by `model.resize_vocab`)."""
+    for field in ARCHITECTURE_FIELDS:
+        if stored[field] != getattr(model, field):
+            raise ConfigError(f"{where}: checkpoint has model.{field}={stored[field]}, the config has "
+                              f"{getattr(model, field)}")
+    vocab = stored["vocab_size"]
+    if vocab == model.vocab_size or (allow_smaller_vocab and vocab < model.vocab_size):
+        return
+    hint = (" (a pretrained model without the EOT row: fine-tune it first, or set "
+            f"--config.model.vocab_size={vocab})" if vocab < model.vocab_size else "")
+    raise ConfigError(f"{where}: checkpoint vocabulary {vocab} differs from the config's model vocabulary "
+                      f"{model.vocab_size} (tokenizer + EOT){hint}")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import pathlib
 from typing import Any, Sequence
 
@@ -39,6 +38,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lima_jax.config import ModelConfig
+from lima_jax.fileio import atomic_write_text
 from lima_jax.data.formats import DataError, iter_jsonl, parse_record
 from lima_jax.model import KV_CACHE_AXES, Llama, init_kv_cache
 from lima_jax.tokenizer import Tokenizer
@@ -415,50 +415,27 @@ def output_record(prompt: PromptRecord, conversation: list[str], rounds: list[Co
 
 
 def write_jsonl(path: str | pathlib.Path, records: Sequence[dict]) -> None:
-    """Writes records atomically (temporary file, fsync, rename): a crash never leaves half a file."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    """Writes records atomically: a crash never leaves half a file."""
+    atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 # --------------------------------------------------------------------------------------- checkpoints
 
 
-def abstract_params(model: Llama, mesh: Mesh, rules) -> Any:
-    """ShapeDtypeStructs (with shardings on `mesh`) of the model's parameters; no memory used."""
-    boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        nn.meta.unbox(boxed), shardings)
-
-
 def load_params(path: str | pathlib.Path, model_cfg: ModelConfig, mesh: Mesh, rules) -> Any:
-    """The parameters at `path` (see `checkpoint.resolve_checkpoint`), restored straight onto `mesh`'s
-    shardings; of a training checkpoint only the parameters are read, never the optimizer state."""
+    """The parameters at `path` (see `checkpoint.resolve_checkpoint`), checked against `model_cfg` and
+    restored straight onto `mesh`'s shardings; of a training checkpoint only the parameters are read."""
     from lima_jax import checkpoint
+    from lima_jax.train import abstract_params
+    checkpoint.check_model_matches(checkpoint.stored_model_config(path), model_cfg, f"--checkpoint {path}")
     params, _ = checkpoint.load_checkpoint_params(path, abstract_params(Llama(model_cfg), mesh, rules))
     return params
 
 
-# ----------------------------------------------------------------------------------------------- CLI
-
-
 def build_generator(config, checkpoint_path: str, batch_size: int, use_cache: bool = True) -> Generator:
-    """Tokenizer, mesh and parameters from a config and a checkpoint (see `resolve_checkpoint`)."""
-    from lima_jax import sharding
-    from lima_jax.config import ConfigError, model_config
-    tokenizer = Tokenizer(config.tokenizer.path)
-    model_cfg = model_config(config, vocab_size=config.model.vocab_size or tokenizer.vocab_size)
-    if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"config.model.vocab_size={model_cfg.vocab_size} < tokenizer's {tokenizer.vocab_size}")
-    mesh = sharding.make_mesh(config, vocab_size=model_cfg.vocab_size)
-    rules = sharding.layout_rules(config, vocab_size=model_cfg.vocab_size, shape=mesh.devices.shape)
+    """Tokenizer, mesh and parameters from a config and a checkpoint (see `checkpoint.resolve_checkpoint`)."""
+    from lima_jax.train import model_setup
+    tokenizer, model_cfg, mesh, rules = model_setup(config)
     params = load_params(checkpoint_path, model_cfg, mesh, rules)
     return Generator(model_cfg, params, tokenizer, mesh, rules, batch_size, use_cache)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime
 import html
 import json
-import os
 import pathlib
 import statistics
 from typing import Any, Callable, Sequence
@@ -31,20 +30,13 @@ from typing import Any, Callable, Sequence
 import jax
 from absl import logging
 
+from lima_jax.fileio import atomic_write_text
+
 REPORT_DIR = "dev_reports"
 CHOSEN_FILE = "chosen_epoch.json"
 
 
 # ------------------------------------------------------------------------------------------ the marker
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def epoch_checkpoint_steps(workdir: str | pathlib.Path) -> dict[int, int]:
@@ -73,7 +65,7 @@ def mark_chosen_epoch(workdir: str | pathlib.Path, epoch: int, note: str = "") -
         raise ValueError(f"{workdir}: no end-of-epoch checkpoint for epoch {epoch}; have epochs {sorted(steps)}")
     marker = {"epoch": epoch, "step": steps[epoch], "checkpoint": f"checkpoints/{steps[epoch]}", "note": note,
               "chosen_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    _atomic_write(workdir / CHOSEN_FILE, json.dumps(marker, indent=2) + "\n")
+    atomic_write_text(workdir / CHOSEN_FILE, json.dumps(marker, indent=2) + "\n")
     return marker
 
 
@@ -212,8 +204,8 @@ def write_report(workdir: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Pat
     marker = read_chosen_epoch(workdir)
     chosen = int(marker["epoch"]) if marker else None
     html_path, md_path = workdir / "dev_report.html", workdir / "dev_report.md"
-    _atomic_write(html_path, render_html(answers, chosen))
-    _atomic_write(md_path, render_markdown(answers, chosen))
+    atomic_write_text(html_path, render_html(answers, chosen))
+    atomic_write_text(md_path, render_markdown(answers, chosen))
     return html_path, md_path
 
 

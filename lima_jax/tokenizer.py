@@ -40,7 +40,11 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: sentencepiece model not found (config.tokenizer.path)")
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path}: not a sentencepiece model ({e}); LLaMA-3's tiktoken tokenizer is not "
+                             "supported yet (docs/model.md)") from None
         self.eot_id = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()

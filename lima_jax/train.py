@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 from lima_jax import checkpoint, data, distributed, sharding
 from lima_jax.config import ConfigError, ModelConfig, model_config, validate
+from lima_jax.fileio import atomic_write_text
 from lima_jax.metrics import MetricsWriter, quiet_library_logs
 from lima_jax.model import Llama, resize_vocab
 from lima_jax.optim import learning_rate_schedule, make_optimizer
@@ -128,33 +129,37 @@ def create_train_state(model: Llama, tx: optax.GradientTransformation, shardings
     return init(rng)
 
 
-def load_pretrained_params(path: str, model_cfg: ModelConfig, param_shardings: Any) -> Any:
-    """Parameters from a `lima_jax.convert` checkpoint, grown to `model_cfg.vocab_size` if EOT is new."""
-    meta = checkpoint.read_params_meta(path)["model"]
-    # rope_theta and norm_eps too: a mismatch there loads fine but silently computes another function
-    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "tie_embeddings", "rope_theta",
-                  "norm_eps"):
-        if meta[field] != getattr(model_cfg, field):
-            raise ConfigError(f"config.init_from={path!r}: checkpoint has model.{field}={meta[field]}, "
-                              f"config has {getattr(model_cfg, field)}")
-    old_vocab = meta["vocab_size"]
-    if old_vocab > model_cfg.vocab_size:
-        raise ConfigError(f"config.init_from={path!r}: checkpoint vocabulary {old_vocab} is larger than the "
-                          f"model's {model_cfg.vocab_size} (tokenizer + EOT)")
-    small = dataclasses.replace(model_cfg, vocab_size=old_vocab)
+def abstract_params(model: Llama, mesh: Mesh, rules) -> Any:
+    """ShapeDtypeStructs (with shardings on `mesh`) of the model's parameters; no memory used."""
+    boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        nn.meta.unbox(boxed), shardings)
 
-    def with_vocab(tree_shardings, vocab):
-        shapes = jax.eval_shape(lambda: nn.meta.unbox(Llama(dataclasses.replace(small, vocab_size=vocab)).init(
-            jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                            tree_shardings)
 
-    params = checkpoint.restore_params(path, with_vocab(param_shardings, old_vocab))
+def check_init_from(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> dict:
+    """The stored model config of `config.init_from`, checked against the config's (no weights read)."""
+    where = f"{config.get('source_file', '<config>')}: config.init_from={config.init_from!r}"
+    try:
+        stored = checkpoint.stored_model_config(config.init_from)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    checkpoint.check_model_matches(stored, model_cfg, where, allow_smaller_vocab=True)
+    return stored
+
+
+def load_pretrained_params(path: str, model_cfg: ModelConfig, stored: dict, mesh: Mesh, rules) -> Any:
+    """Parameters of a `lima_jax.convert` checkpoint (or another run's), restored straight into their shards
+    and grown to `model_cfg.vocab_size` if the EOT row is new (new rows = mean of the existing rows)."""
+    old_vocab = stored["vocab_size"]
+    abstract = abstract_params(Llama(dataclasses.replace(model_cfg, vocab_size=old_vocab)), mesh, rules)
+    params, _ = checkpoint.load_checkpoint_params(path, abstract)
     if old_vocab == model_cfg.vocab_size:
         return params
     logging.info("growing the vocabulary from %d to %d (EOT rows = mean of existing rows)", old_vocab,
                  model_cfg.vocab_size)
-    return jax.jit(lambda p: resize_vocab(p, model_cfg.vocab_size), out_shardings=param_shardings)(params)
+    target = jax.tree.map(lambda a: a.sharding, abstract_params(Llama(model_cfg), mesh, rules))
+    return jax.jit(lambda p: resize_vocab(p, model_cfg.vocab_size), out_shardings=target)(params)
 
 
 # ------------------------------------------------------------------------------------------------ loop
@@ -175,15 +180,22 @@ class Position:
     step: int = 0
 
 
+def check_schedule_length(meta: dict, total_steps: int, where: str) -> None:
+    """A resumed run must keep the learning-rate schedule it started with (same total steps)."""
+    if meta.get("total_steps", total_steps) != total_steps:
+        raise ConfigError(f"{where}: this run was started for {meta['total_steps']} steps, the config now gives "
+                          f"{total_steps} (train.num_epochs / batch_size / data changed): resuming would bend the "
+                          "learning-rate schedule. Start a new workdir with --config.init_from=<this workdir>.")
+
+
 def position_after(meta: dict, steps_per_epoch: int) -> Position:
     if meta["batches_done"] >= steps_per_epoch:
         return Position(meta["epoch"] + 1, 0, meta["step"])
     return Position(meta["epoch"], meta["batches_done"], meta["step"])
 
 
-def setup(config: ml_collections.ConfigDict):
-    """Validates everything cheap first (config, tokenizer, data, mesh), before any compilation."""
-    validate(config)
+def model_setup(config: ml_collections.ConfigDict):
+    """(tokenizer, model config, mesh, rules): everything a model needs, checked, before any compilation."""
     tokenizer = Tokenizer(config.tokenizer.path)
     model_cfg = model_config(config, vocab_size=config.model.vocab_size or tokenizer.vocab_size)
     if model_cfg.vocab_size < tokenizer.vocab_size:
@@ -191,6 +203,15 @@ def setup(config: ml_collections.ConfigDict):
                           f"{model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} (incl. EOT)")
     mesh = sharding.make_mesh(config, vocab_size=model_cfg.vocab_size)
     rules = sharding.layout_rules(config, vocab_size=model_cfg.vocab_size, shape=mesh.devices.shape)
+    return tokenizer, model_cfg, mesh, rules
+
+
+def setup(config: ml_collections.ConfigDict):
+    """Validates everything cheap first (config, tokenizer, mesh, init_from, data), before any compilation."""
+    validate(config)
+    tokenizer, model_cfg, mesh, rules = model_setup(config)
+    if config.init_from and not checkpoint.has_train_checkpoints(pathlib.Path(config.workdir) / "checkpoints"):
+        check_init_from(config, model_cfg)
     report = data.load_examples(config.data.train_path, tokenizer, config.data.max_len, config.data.loss_on,
                                 config.data.on_bad_example)
     return tokenizer, model_cfg, mesh, rules, report
@@ -220,17 +241,23 @@ def train(config: ml_collections.ConfigDict, after_epoch: Callable[..., None] | 
         checkpoints = checkpoint.TrainCheckpoints(workdir / "checkpoints")
         latest = checkpoints.latest_step()
         if latest is not None:
-            state, meta = checkpoints.restore(latest, abstract)
-            data.check_input_signature(meta, data_signature, f"{checkpoints.directory}/{latest}")
+            where = f"{checkpoints.directory}/{latest}"
+            meta = checkpoints.read_meta(latest)
+            data.check_input_signature(meta, data_signature, where)
+            check_schedule_length(meta, total_steps, where)
+            state, _ = checkpoints.restore(latest, abstract)
             position = position_after(meta, steps_per_epoch)
-            logging.info("resumed from %s/%d: epoch %d, %d batches done", checkpoints.directory, latest,
-                         meta["epoch"], meta["batches_done"])
+            logging.info("resumed from %s: epoch %d, %d batches done", where, meta["epoch"], meta["batches_done"])
+        elif config.init_from:
+            params = load_pretrained_params(config.init_from, model_cfg, check_init_from(config, model_cfg),
+                                            mesh, rules)
+            state = jax.jit(lambda p: TrainState.create(apply_fn=model.apply, params=p, tx=tx),
+                            out_shardings=state_shardings, donate_argnums=0)(params)
+            position = Position()
         else:
             state = create_train_state(model, tx, state_shardings, jax.random.key(config.seed))
-            if config.init_from:
-                state = state.replace(params=load_pretrained_params(config.init_from, model_cfg,
-                                                                    state_shardings.params))
             position = Position()
+        _save_config(config, workdir)
         _log_parameter_overview(state.params, model_cfg)
 
         batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -267,6 +294,7 @@ def train(config: ml_collections.ConfigDict, after_epoch: Callable[..., None] | 
                     if end_of_epoch or (every and step % every == 0):
                         checkpoints.save(step, state, {"epoch": epoch, "batches_done": batch_index, "step": step,
                                                        "data_signature": data_signature,
+                                                       "total_steps": total_steps,
                                                        "end_of_epoch": end_of_epoch,
                                                        "model": dataclasses.asdict(model_cfg)})
                         if end_of_epoch:
@@ -279,6 +307,12 @@ def train(config: ml_collections.ConfigDict, after_epoch: Callable[..., None] | 
             checkpoints.close()
     distributed.barrier("train_done")
     return last_metrics
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """The run's full config as `workdir/config.json` (host 0), beside the checkpoints it produced."""
+    if jax.process_index() == 0:
+        atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
 def _log_parameter_overview(params: Any, model_cfg: ModelConfig) -> None:

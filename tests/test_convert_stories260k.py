@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import pathlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -123,13 +122,17 @@ def test_stories260k_finetunes_from_import(stories, finetuned):
 
 
 def test_stories260k_init_from_rejects_mismatched_model(stories, tmp_path):
-    from lima_jax import train
     from lima_jax.config import ConfigError
     ckpt, cfg, *_ = stories
+    stored = checkpoint.stored_model_config(ckpt)
+    checkpoint.check_model_matches(stored, ModelConfig(**{**cfg.__dict__, "vocab_size": 513}), "x",
+                                   allow_smaller_vocab=True)  # the EOT row may be missing
     for field, value in (("n_layers", 4), ("rope_theta", 500000.0)):
         wrong = ModelConfig(**{**cfg.__dict__, field: value, "vocab_size": 513})
         with pytest.raises(ConfigError, match=f"checkpoint has model.{field}"):
-            train.load_pretrained_params(str(ckpt), wrong, None)
+            checkpoint.check_model_matches(stored, wrong, str(ckpt), allow_smaller_vocab=True)
+    with pytest.raises(ConfigError, match="vocabulary 512 differs"):  # generation needs the exact vocabulary
+        checkpoint.check_model_matches(stored, ModelConfig(**{**cfg.__dict__, "vocab_size": 513}), str(ckpt))
 
 
 def test_stories260k_finetuned_export_matches_in_transformers(stories, finetuned, tmp_path):
@@ -156,17 +159,14 @@ def test_stories260k_finetuned_export_matches_in_transformers(stories, finetuned
 
 def test_init_from_bfloat16_import_grows_eot_row(stories, tmp_path):
     """`train.load_pretrained_params` on a bfloat16 import: cast to the model's float32, EOT row = mean row."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from lima_jax import train
+    from lima_jax import sharding, train
     _, cfg, params, tok = stories
     convert.main(["from_llama2c", "--input", str(shared_file("llama/stories260K.bin")), "--output",
                   str(tmp_path / "bf16"), "--dtype", "bfloat16"])
     model_cfg = ModelConfig(**{**cfg.__dict__, "vocab_size": tok.vocab_size, "param_dtype": "float32"})
-    shapes = jax.eval_shape(lambda: nn.meta.unbox(Llama(model_cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))))
-    replicated = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",)), PartitionSpec())
-    loaded = train.load_pretrained_params(str(tmp_path / "bf16"), model_cfg,
-                                          jax.tree.map(lambda _: replicated, shapes["params"]))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
+    stored = checkpoint.stored_model_config(tmp_path / "bf16")
+    loaded = train.load_pretrained_params(str(tmp_path / "bf16"), model_cfg, stored, mesh, sharding.LAYOUTS["data"])
     embedding = np.asarray(loaded["embedding"])
     assert embedding.dtype == np.float32 and embedding.shape == (513, 64)
     expected = np.asarray(params["embedding"]).astype(ml_dtypes.bfloat16).astype(np.float32)

@@ -15,10 +15,10 @@ import optax
 import pytest
 
 from lima_jax import data
-from lima_jax.config import model_config
+from lima_jax.config import ConfigError, model_config
 from lima_jax.model import Llama
 from lima_jax.optim import learning_rate_schedule
-from lima_jax.train import TrainingDiverged, TrainState, make_train_step, train
+from lima_jax.train import TrainingDiverged, TrainState, make_train_step, setup, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -57,6 +57,7 @@ def test_toy_run_learns_and_writes_a_checkpoint_per_epoch(uninterrupted_run):
     assert metrics[1]["learning_rate"] == pytest.approx(3e-3) and metrics[24]["learning_rate"] == pytest.approx(3e-4)
     assert [metrics[s]["epoch"] for s in (1, 6, 7, 24)] == [1, 1, 2, 4]
     assert list((pathlib.Path(config.workdir) / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((pathlib.Path(config.workdir) / "config.json").read_text())["train"]["num_epochs"] == 4
     assert final["loss"] == pytest.approx(last)
 
 
@@ -133,3 +134,19 @@ def test_gradient_accumulation_normalizes_by_all_target_tokens(toy_config, toy_t
     weights = np.asarray(batch["weights"])
     per_micro = [weights[0::2].sum(), weights[1::2].sum()]
     assert abs(per_micro[0] - per_micro[1]) > 50
+
+
+def test_resume_refuses_a_changed_schedule_before_restoring(uninterrupted_run):
+    config, _ = uninterrupted_run
+    saved = (pathlib.Path(config.workdir) / "config.json").read_text()
+    changed = config.copy_and_resolve_references()
+    changed.train.num_epochs = 5
+    with pytest.raises(ConfigError, match="started for 24 steps, the config now gives 30"):
+        train(changed)
+    assert (pathlib.Path(config.workdir) / "config.json").read_text() == saved  # the run's record is kept
+
+
+def test_init_from_is_checked_before_anything_is_compiled(toy_config, tmp_path):
+    toy_config.init_from = str(tmp_path / "no_such_checkpoint")
+    with pytest.raises(ConfigError, match="config.init_from=.*no_such_checkpoint"):
+        setup(toy_config)

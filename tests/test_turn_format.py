@@ -138,3 +138,17 @@ def test_epochs_visit_every_example_once_in_a_seeded_order(toy_tokenizer, repo):
     host0, host1 = visit(1, process_count=2, process_index=0), visit(1, process_count=2, process_index=1)
     assert sorted(host0 + host1) == sorted(epoch1) and not set(host0) & set(host1)
     assert visit(1, start_step=2) == epoch1[20:]  # resuming mid-epoch: exactly the rest
+
+
+def test_an_explicit_schema_that_does_not_match_names_the_line(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "Hi", "response": "Hello!"}])
+    with pytest.raises(DataError, match=r"t.jsonl:1: schema 'lima' was asked for"):
+        read_conversations(path, schema="lima")
+
+
+def test_a_file_that_is_not_sentencepiece_is_named(tmp_path):
+    from lima_jax.tokenizer import Tokenizer
+    bogus = tmp_path / "tokenizer.model"
+    bogus.write_text("not a model")
+    with pytest.raises(ValueError, match="tokenizer.model: not a sentencepiece model"):
+        Tokenizer(bogus)

@@ -103,6 +103,8 @@ def parse_record(record: object, path: str, line: int, schema: str = "auto",
     if found not in _READERS:
         raise DataError(f"{where}: unknown schema (fields {sorted(record)}); expected one of: "
                         "'conversations' (LIMA), 'instruction'+'response', 'messages'")
+    if schema != "auto" and detect_schema(record) != schema:
+        raise DataError(f"{where}: schema {schema!r} was asked for, but the record has fields {sorted(record)}")
     named_turns = _READERS[found](record, where)
     for i, (field, turn) in enumerate(named_turns):
         if not isinstance(turn, str):
