@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
+import sys
+import time
 
 import jax
 from absl import flags, logging
@@ -74,6 +77,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     where = coordinator_address or "the auto-detected coordinator"
+    if coordinator_address and process_id:
+        _wait_for_coordinator(coordinator_address, timeout_s, process_id, num_processes)
+    # jaxlib aborts the process (no Python exception) when the others do not show up in time: say first
+    # what is being waited for, so that the log explains the abort.
+    print(f"lima_jax.distributed: process {process_id if process_id is not None else '?'} of "
+          f"{num_processes or '?'} joining the job at {where}; all processes must join within {timeout_s}s "
+          "(--distributed_timeout_s), else the process aborts with DEADLINE_EXCEEDED", file=sys.stderr, flush=True)
     try:
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=int(timeout_s))
@@ -85,6 +95,23 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             f"distinct.") from e
     logging.info("distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _wait_for_coordinator(address: str, timeout_s: float, process_id: int, num_processes: int) -> None:
+    """Waits until process 0's coordinator port accepts connections; DistributedError after `timeout_s`."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise DistributedError(
+                    f"process {process_id} of {num_processes} could not reach the coordinator at {address} within "
+                    f"{timeout_s}s ({e}). Check that process 0 runs the same command and that its port is "
+                    "reachable from this host.") from e
+            time.sleep(0.5)
 
 
 def initialize_from_flags() -> None:

@@ -1,0 +1,155 @@
+"""Two processes on this host, 4 CPU devices each, gloo collectives: a real multi-host run in miniature.
+
+Each process runs `lima_jax.train.train` on the toy config (data parallel over all 8 devices, so each
+host loads its own half of every global batch), writes the per-epoch checkpoint together with the other,
+and on a second launch both restore it and train on. The processes must agree on every loss, and the
+losses must equal those of one process with 8 devices (rtol 1e-4, as in test_sharding): a host that
+loaded the wrong rows would still agree with its peer but not with the single-process run.
+Every subprocess has a timeout, so a hang fails the test instead of stalling CI.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+TIMEOUT_S = 240
+RTOL = 1e-4
+
+_WORKER = r"""
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+from lima_jax import distributed
+pid, port, workdir, stop_after = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+distributed.initialize(f"127.0.0.1:{port}", 2, pid, timeout_s=60, cpu_collectives="gloo")
+assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
+from lima_jax import train
+from lima_jax.config import load_config_file
+config = load_config_file("configs/toy.py")
+config.workdir = workdir
+config.train.num_epochs = 2
+config.train.batch_size = 8
+config.mesh.update(data=-1, fsdp=1, tensor=1, layout="data")
+losses = []
+original = train.MetricsWriter.write
+def record(self, step, metrics):
+    losses.append(metrics["loss"])
+    original(self, step, metrics)
+train.MetricsWriter.write = record
+
+class Preempted(Exception):
+    pass
+
+def after_epoch(epoch, **_):
+    if epoch == stop_after:  # as if the job were preempted right after this epoch's checkpoint
+        raise Preempted
+
+try:
+    train.train(config, after_epoch=after_epoch)
+except Preempted:
+    pass
+print("RESULT " + json.dumps({"process": jax.process_index(), "losses": losses}), flush=True)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # conftest's 8 devices are for this process; workers get 4 each
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    return env
+
+
+def _run_two(workdir, stop_after_epoch: int) -> list[list[float]]:
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), str(port), str(workdir), str(stop_after_epoch)],
+                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=TIMEOUT_S)
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    results = {}
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+        line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
+        result = json.loads(line[len("RESULT "):])
+        results[result["process"]] = result["losses"]
+    return [results[0], results[1]]
+
+
+def _single_process_losses(toy_config, epochs: int) -> list[float]:
+    """The same training in this process (8 devices), recording the loss of every step."""
+    from lima_jax import train
+    toy_config.train.num_epochs = epochs
+    toy_config.mesh.update(data=-1, fsdp=1, tensor=1, layout="data")
+    losses = []
+    original = train.MetricsWriter.write
+
+    def record(self, step, metrics):
+        losses.append(metrics["loss"])
+        original(self, step, metrics)
+
+    train.MetricsWriter.write = record
+    try:
+        train.train(toy_config)
+    finally:
+        train.MetricsWriter.write = original
+    return losses
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_restore_and_agree(toy_config, tmp_path):
+    workdir = tmp_path / "two"
+    first = _run_two(workdir, stop_after_epoch=1)  # 2 epochs planned, stopped after the first
+    assert first[0] == first[1] and len(first[0]) == 6  # 48 toy examples / batch 8, every step logged
+    assert (workdir / "metrics.jsonl").is_file()
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [6]
+    second = _run_two(workdir, stop_after_epoch=0)  # both processes restore step 6 and train epoch 2
+    assert second[0] == second[1] and len(second[0]) == 6
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))  # host 0 alone wrote them, once each
+
+    reference = _single_process_losses(toy_config, epochs=2)
+    print(f"two processes: {first[0] + second[0]}\none process: {reference}")
+    np.testing.assert_allclose(first[0] + second[0], reference, rtol=RTOL)
+
+
+def test_unreachable_coordinator_fails_with_a_clear_error(tmp_path):
+    code = ("from lima_jax import distributed\n"
+            f"distributed.initialize('127.0.0.1:{_free_port()}', 2, 1, timeout_s=3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "DistributedError: process 1 of 2 could not reach the coordinator at 127.0.0.1" in proc.stderr
+    assert "within 3s" in proc.stderr
+
+
+def test_incomplete_distributed_flags_are_rejected():
+    from lima_jax import distributed
+    with pytest.raises(distributed.DistributedError, match="needs all of --coordinator_address"):
+        distributed.initialize("127.0.0.1:1234", num_processes=2, process_id=None)
+    with pytest.raises(distributed.DistributedError, match=r"--process_id=2 is not in \[0, --num_processes=2\)"):
+        distributed.initialize("127.0.0.1:1234", num_processes=2, process_id=2)
+    distributed.initialize()  # one process, nothing in the environment: a no-op
+    distributed.barrier("single")  # and barriers return at once
