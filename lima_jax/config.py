@@ -86,6 +86,19 @@ def load_sibling(this_file: str, name: str) -> ml_collections.ConfigDict:
     return load_config_file(pathlib.Path(this_file).resolve().parent / name)
 
 
+def config_from_flag(holder, argv: list[str]) -> ml_collections.ConfigDict:
+    """The ConfigDict of a `config_flags.DEFINE_config_file` flag, with `source_file` set for error messages;
+    raises absl's UsageError when the flag is missing or stray arguments are given."""
+    from absl import app, flags
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = holder.value
+    if config is None:
+        raise app.UsageError(f"--{holder.name} is required, e.g. --{holder.name} configs/toy.py")
+    config.source_file = flags.FLAGS[holder.name].config_filename
+    return config
+
+
 def _where(config: ml_collections.ConfigDict) -> str:
     return config.get("source_file", "") or "<config>"
 

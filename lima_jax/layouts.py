@@ -52,7 +52,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from lima_jax import sharding, train
-from lima_jax.config import ConfigError, ModelConfig, model_config, validate
+from lima_jax.config import ConfigError, ModelConfig, config_from_flag, model_config, validate
 from lima_jax.data.pipeline import BATCH_FIELDS
 from lima_jax.model import Llama
 from lima_jax.optim import learning_rate_schedule, make_optimizer
@@ -649,12 +649,7 @@ def compare(config: ml_collections.ConfigDict, specs: Sequence[str], topology: T
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config is required, e.g. --config configs/toy.py")
-    config.source_file = flags.FLAGS["config"].config_filename
+    config = config_from_flag(_CONFIG, argv)
     topology = parse_topology(_TOPOLOGY.value) if _TOPOLOGY.value else None
     if topology is not None:  # compile-only use of libtpu: don't contend for the TPU lock with other jobs
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

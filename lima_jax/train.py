@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import app, logging
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from ml_collections import config_flags
 
 from lima_jax import checkpoint, data, distributed, sharding
-from lima_jax.config import ConfigError, ModelConfig, model_config, validate
+from lima_jax.config import ConfigError, ModelConfig, config_from_flag, model_config, validate
 from lima_jax.fileio import atomic_write_text
 from lima_jax.metrics import MetricsWriter, quiet_library_logs
 from lima_jax.model import Llama, resize_vocab
@@ -331,12 +331,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collect
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config is required, e.g. --config configs/toy.py")
-    config.source_file = flags.FLAGS["config"].config_filename
+    config = config_from_flag(_CONFIG, argv)
     distributed.initialize_from_flags()
     if not distributed.is_main_process():
         logging.set_verbosity(logging.WARNING)  # host 0 logs; the others only warn
