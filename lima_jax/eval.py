@@ -16,7 +16,8 @@
 
 The raters choose among the paper's three answers: Response 1 better, Response 2 better, neither. Which
 system wrote which response is hidden and randomized. Each judgment is appended and synced to the
-`--judgments` file the moment it is made; running the same command again resumes with the pairs left.
+`--judgments` file the moment it is made; running the same command again resumes with the pairs left
+(refused if the response files now hold other answers than those judged).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def _pairwise(args: argparse.Namespace) -> None:
     template = judge.load_template(args.judge_prompt) if args.mode == "judge" else ""
     model_judge = _make_judge(args) if args.mode == "judge" else None
     with pairs.JudgmentStore(args.judgments, a_name, b_name) as store:
+        store.check(all_pairs)  # regenerated answers are refused before anything is shown
         print(f"{len(all_pairs)} pairs, {len(store.done & {p.pair_id for p in all_pairs})} already judged in "
               f"{args.judgments}")
         if args.mode == "judge":
@@ -139,5 +141,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message names file, line and field
+    except (ValueError, FileNotFoundError, judge.JudgeError) as e:  # the message says file and line or URL
         raise SystemExit(f"error: {e}") from None

@@ -1,6 +1,12 @@
 """Pairwise preference evaluation: pairing, the model judge (fake local server), human sessions, statistics."""
+import builtins
+import hashlib
+import io
 import json
+import pathlib
 import re
+import subprocess
+import sys
 import threading
 import urllib.parse
 import urllib.request
@@ -57,15 +63,24 @@ def test_unmatched_or_duplicate_prompts_fail_with_file_and_line(tmp_path, respon
 
 
 class FakeJudge:
-    """An OpenAI-compatible chat endpoint on 127.0.0.1 with a fixed policy; records every request."""
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 with a fixed policy; records every request. With
+    `redirect` set, /v1/chat/completions answers 302 to that path (which then answers normally)."""
 
-    def __init__(self):
+    def __init__(self, redirect=None):
         self.requests = []
+        self.paths = []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
-                assert self.path == "/v1/chat/completions"
+                fake.paths.append(self.path)
+                if redirect and self.path == "/v1/chat/completions":
+                    self.send_response(302)
+                    self.send_header("Location", redirect)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                assert self.path in ("/v1/chat/completions", redirect)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append(body)
                 data = json.dumps({"choices": [{"message": {"role": "assistant",
@@ -144,6 +159,36 @@ def test_judge_refuses_endpoints_off_localhost_and_bad_templates(tmp_path):
     assert judge.load_template() and judge.fill("{question}|{response_1}|{response_2}", "{x}", "a", "b") == "{x}|a|b"
 
 
+def test_fill_keeps_placeholders_inside_the_answers_verbatim():
+    question, one, two = "Q? {response_1}", "A quotes {response_2} and {question}", "B {response_1}"
+    filled = judge.fill("[{question}] [{response_1}] [{response_2}]", question, one, two)
+    assert filled == f"[{question}] [{one}] [{two}]"
+
+
+def test_judge_connects_directly_despite_a_proxy_in_the_environment(fake_judge, monkeypatch):
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # a closed port: a request sent there fails
+    # A fresh process, so the proxy is in the environment from the start, as in a user's shell.
+    code = ("import sys; from lima_jax.evaluation import judge; print(judge.HttpJudge(sys.argv[1], 'fake', "
+            "timeout_s=20, attempts=1).complete(['[Response 1]GOOD[Response 2]meh'])[0])")
+    result = subprocess.run([sys.executable, "-c", code, fake_judge.url], capture_output=True, text=True,
+                            cwd=pathlib.Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Reasoning...\n[[1]]\n" and len(fake_judge.requests) == 1
+
+
+def test_judge_refuses_redirects():
+    server = FakeJudge(redirect="/elsewhere/chat/completions")  # answers normally there, if ever reached
+    try:
+        with pytest.raises(judge.JudgeError, match=r"/v1/chat/completions: answered 302 .* redirect to "
+                                                   r"http://127.0.0.1:\d+/elsewhere/chat/completions"):
+            judge.HttpJudge(server.url, "fake", timeout_s=20).complete(["[Response 1]\nx\n[Response 2]\ny"])
+    finally:
+        server.close()
+    assert server.paths == ["/v1/chat/completions"]  # asked once (no retry), the redirect not followed
+
+
 def test_verdict_parsing_takes_the_last_mark():
     assert judge.parse_verdict("maybe [[1]] ... no, [[2]]") == "2"
     assert judge.parse_verdict("[[ N ]]") == "N" and judge.parse_verdict("[[tie]]") == "N"
@@ -185,6 +230,10 @@ def test_terminal_session_interrupted_and_resumed_keeps_every_judgment(response_
     assert lines[:2] == first_lines and len(lines) == len(ANSWERS)
     records = [json.loads(line) for line in lines]
     assert len({r["pair_id"] for r in records}) == len(ANSWERS)
+    by_id = {p.pair_id: p for p in all_pairs}
+    for r in records:  # the answers judged: A's then B's, whichever was shown first
+        pair = by_id[r["pair_id"]]
+        assert r["answers_sha"] == hashlib.sha1(f"{pair.a}\0{pair.b}".encode()).hexdigest()
     for r in records:  # the displayed slot maps back to the right system
         second = "b" if r["shown_first"] == "a" else "a"
         assert r["winner"] == {"1": r["shown_first"], "2": second, "n": "tie"}[r["answer"]]
@@ -207,6 +256,62 @@ def test_truncated_last_line_is_dropped_and_other_systems_are_refused(response_f
     assert [json.loads(line)["winner"] for line in path.read_text().splitlines()] == ["a", "tie"]
     with pytest.raises(DataError, match=r"me.jsonl:1: judges 'lima' vs 'base', not 'x' vs 'y'"):
         pairs.JudgmentStore(path, "x", "y")
+
+
+def test_partial_last_line_is_cut_off_and_complete_lines_are_never_rewritten(response_files, tmp_path,
+                                                                              monkeypatch):
+    all_pairs = pairs.make_pairs(*response_files)
+    path = tmp_path / "me.jsonl"
+    with pairs.JudgmentStore(path, "lima", "base") as store:
+        for pair, winner in zip(all_pairs, ("a", "b", "tie")):
+            store.add(pair, winner)
+    complete = path.read_bytes()
+    path.write_bytes(complete + '{"pair_id": "abc", "prompt": ["é'.encode()[:-1])  # cut mid-character
+    real_open = io.open
+
+    def crash_on_rewrite(file, mode="r", *args, **kwargs):  # opening to rewrite empties the file: a crash then
+        handle = real_open(file, mode, *args, **kwargs)  # would lose every judgment
+        if "w" in mode:
+            handle.close()
+            raise OSError("simulated crash while rewriting the judgments file")
+        return handle
+    monkeypatch.setattr(io, "open", crash_on_rewrite)
+    monkeypatch.setattr(builtins, "open", crash_on_rewrite)
+    store = pairs.JudgmentStore(path, "lima", "base")
+    store.close()
+    monkeypatch.undo()
+    assert path.read_bytes() == complete  # the same bytes: only the partial line is gone
+    assert store.done == {p.pair_id for p in all_pairs[:3]}
+
+
+def test_resuming_on_regenerated_answers_is_refused(response_files, tmp_path):
+    a, b = response_files
+    path = tmp_path / "judgments.jsonl"
+    with pairs.JudgmentStore(path, "lima", "base") as store:
+        session = human.RatingSession(pairs.make_pairs(a, b), store, seed=3, rater="me")
+        human.run_terminal(session, _scripted(["1", "2", "n"]), lambda _: None)
+    judged = [json.loads(line)["prompt"][0] for line in path.read_text().splitlines()]
+    changed = judged[1]  # B's answer to the second judged prompt is regenerated
+    _write(b, [{"prompt": p, "response": y + " (new)" if p == changed else y} for p, (_, y) in ANSWERS.items()])
+    regenerated = pairs.make_pairs(a, b)
+    with pairs.JudgmentStore(path, "lima", "base") as store:
+        with pytest.raises(DataError, match=r"judgments.jsonl:2: this pair was judged on different answers .*"
+                                            r"use a new --judgments file"):
+            human.RatingSession(regenerated, store, seed=3, rater="me")
+        with pytest.raises(DataError, match=r"judgments.jsonl:2: this pair was judged on different answers"):
+            judge.judge_pairs(regenerated, store, None, "{question}{response_1}{response_2}")  # judge not asked
+    with pairs.JudgmentStore(path, "lima", "base") as store:  # the unchanged pairs still resume
+        human.RatingSession([p for p in regenerated if p.prompt[0] != changed], store, seed=3, rater="me")
+
+
+def test_read_judgments_refuses_a_pair_judged_twice_by_the_same_rater(tmp_path):
+    judgment = {"pair_id": "p1", "a_name": "A", "b_name": "B", "winner": "a", "rater": "me"}
+    two_raters = _write(tmp_path / "two.jsonl", [judgment, {**judgment, "rater": "you", "winner": "b"}])
+    assert len(pairs.read_judgments(two_raters)) == 2
+    twice = _write(tmp_path / "twice.jsonl", [judgment, {**judgment, "pair_id": "p2"}, {**judgment, "winner": "b"}])
+    with pytest.raises(DataError, match=r"twice.jsonl:3: pair_id 'p1' is judged twice by the same rater "
+                                        r"\(also at .*twice.jsonl:1\)"):
+        pairs.read_judgments(twice)
 
 
 def _serve(session):

@@ -14,6 +14,7 @@ import threading
 import urllib.parse
 from typing import Callable, Sequence
 
+from lima_jax.evaluation.judge import LOCAL_HOSTS
 from lima_jax.evaluation.pairs import JudgmentStore, Pair, first_shown, presentation_order
 
 # What the rater may answer, as shown; "1"/"2" name display slots, never systems.
@@ -27,6 +28,7 @@ class RatingSession:
         self.pairs = presentation_order(pairs, seed)
         self.by_id = {p.pair_id: p for p in pairs}
         self.store, self.seed, self.rater = store, seed, rater
+        store.check(pairs)  # a resumed session must be judging the same answers
         self.lock = threading.Lock()
 
     @property
@@ -177,6 +179,6 @@ def make_handler(session: RatingSession) -> type[http.server.BaseHTTPRequestHand
 
 def serve_web(session: RatingSession, port: int = 8765, host: str = "127.0.0.1") -> http.server.HTTPServer:
     """An HTTP server for the session bound to localhost (port 0: any free port); call serve_forever()."""
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOCAL_HOSTS:
         raise ValueError(f"host={host!r}: the rating page is served on localhost only")
     return http.server.HTTPServer((host, port), make_handler(session))

@@ -2,9 +2,10 @@
 between the two verdicts counts as a tie (which cancels the judge's position bias).
 
 The judge is either an OpenAI-compatible chat endpoint on *localhost* (a local vLLM / llama.cpp / TGI
-server; nothing else is ever contacted) or a lima_jax model decoding greedily. The judge prompt is a text
-file with the placeholders {question}, {response_1} and {response_2}; the judge must end its answer with
-[[1]], [[2]] or [[N]] (neither). Verdicts that cannot be read count as ties and are flagged `unparsed`.
+server; nothing else is ever contacted: proxy settings are ignored and redirects refused) or a lima_jax
+model decoding greedily. The judge prompt is a text file with the placeholders {question}, {response_1}
+and {response_2}; the judge must end its answer with [[1]], [[2]] or [[N]] (neither). Verdicts that
+cannot be read count as ties and are flagged `unparsed`.
 """
 from __future__ import annotations
 
@@ -36,6 +37,17 @@ class JudgeError(RuntimeError):
     """The judge endpoint failed or answered something that is not a chat completion."""
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        fp.close()
+        raise JudgeError(f"{req.full_url}: answered {code} {msg}, a redirect to {newurl}; the judge endpoint must "
+                         "answer itself (redirects are not followed: only localhost is ever contacted)")
+
+
+# Direct connections only: no http(s)_proxy from the environment, no redirects (both could leave localhost).
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
+
+
 def load_template(path: str | pathlib.Path = DEFAULT_PROMPT) -> str:
     """The judge prompt template; it must contain each placeholder."""
     path = pathlib.Path(path)
@@ -49,10 +61,10 @@ def load_template(path: str | pathlib.Path = DEFAULT_PROMPT) -> str:
 
 
 def fill(template: str, question: str, response_1: str, response_2: str) -> str:
-    """Substitutes the placeholders literally (no str.format: answers may contain braces)."""
-    for placeholder, value in zip(PLACEHOLDERS, (question, response_1, response_2)):
-        template = template.replace(placeholder, value)
-    return template
+    """Substitutes the placeholders literally and in one pass: braces in the answers, even a placeholder,
+    stay as they are."""
+    values = {"question": question, "response_1": response_1, "response_2": response_2}
+    return re.sub(r"\{(question|response_1|response_2)\}", lambda m: values[m.group(1)], template)
 
 
 def parse_verdict(text: str) -> str | None:
@@ -88,7 +100,7 @@ class HttpJudge:
                            "temperature": 0.0, "max_tokens": self.max_tokens}).encode("utf-8")
         request = urllib.request.Request(f"{self.url}/chat/completions", data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+        with _OPENER.open(request, timeout=self.timeout_s) as response:
             payload = json.loads(response.read().decode("utf-8"))
         try:
             return payload["choices"][0]["message"]["content"]
@@ -136,6 +148,7 @@ def judge_pairs(pairs: Sequence[Pair], store: JudgmentStore, judge: Judge, templ
     Returns the number of pairs judged now. The final winner is the common verdict when both orders agree
     and "tie" when they disagree.
     """
+    store.check(pairs)  # a resumed session must be judging the same answers
     pending = list(store.pending(pairs))
     for start in range(0, len(pending), chunk):
         batch = pending[start:start + chunk]

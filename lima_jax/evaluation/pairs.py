@@ -46,6 +46,11 @@ class Pair:
         return self.prompt[0] if len(self.prompt) == 1 else "\n\n".join(
             f"[turn {i + 1}] {t}" for i, t in enumerate(self.prompt))
 
+    @property
+    def answers_sha(self) -> str:
+        """Which two answers are judged: A's then B's (system order, whatever the display order)."""
+        return hashlib.sha1(f"{self.a}\0{self.b}".encode("utf-8")).hexdigest()
+
 
 def _answer_text(record: dict, prompt: Sequence[str], where: str) -> str:
     responses = record.get("responses")
@@ -127,12 +132,14 @@ class JudgmentStore:
     """An append-only JSONL file of judgments, one line per pair, synced to disk as each one is made.
 
     Every line names the two systems (`a_name`, `b_name`); reopening a file made for other systems is an
-    error, so two comparisons never mix. A last line cut short by a crash (never acknowledged) is dropped.
+    error, so two comparisons never mix. A last line cut short by a crash (never acknowledged) is cut off;
+    the complete lines before it are never rewritten. Every line also holds `answers_sha` (see `check`).
     """
 
     def __init__(self, path: str | pathlib.Path, a_name: str, b_name: str):
         self.path = pathlib.Path(path)
         self.a_name, self.b_name = a_name, b_name
+        self._judged_on: dict[str, tuple[int, str | None]] = {}  # pair_id -> (line, answers_sha) in the file
         self.records = self._load()
         self._done = {r["pair_id"] for r in self.records}
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,23 +148,34 @@ class JudgmentStore:
     def _load(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        text = self.path.read_text(encoding="utf-8")
-        lines = text.split("\n")
-        if lines and lines[-1].strip():  # no final newline: an interrupted write
+        data = self.path.read_bytes()
+        tail = data[data.rfind(b"\n") + 1:]
+        if tail.strip():  # no final newline: a write interrupted by a crash
             try:
-                json.loads(lines[-1])
-                complete = "\n".join(lines) + "\n"
-            except json.JSONDecodeError:
-                complete = "\n".join(lines[:-1]) + ("\n" if len(lines) > 1 else "")
-            self.path.write_text(complete, encoding="utf-8")
-        records = [record for _, record in iter_jsonl(self.path)] if self.path.stat().st_size else []
-        for i, record in enumerate(records, start=1):
+                json.loads(tail)  # complete, only its newline is missing: add it
+                with self.path.open("ab") as f:
+                    f.write(b"\n")
+            except ValueError:  # cut short (maybe mid-character): cut it off, touching nothing before it
+                os.truncate(self.path, len(data) - len(tail))
+        records = []
+        for line, record in iter_jsonl(self.path):
             if not isinstance(record, dict) or record.get("winner") not in CHOICES or "pair_id" not in record:
-                raise DataError(f"{self.path}:{i}: not a judgment (needs 'pair_id' and 'winner' in {CHOICES})")
+                raise DataError(f"{self.path}:{line}: not a judgment (needs 'pair_id' and 'winner' in {CHOICES})")
             if (record.get("a_name"), record.get("b_name")) != (self.a_name, self.b_name):
-                raise DataError(f"{self.path}:{i}: judges {record.get('a_name')!r} vs {record.get('b_name')!r}, "
+                raise DataError(f"{self.path}:{line}: judges {record.get('a_name')!r} vs {record.get('b_name')!r}, "
                                 f"not {self.a_name!r} vs {self.b_name!r}; use another --judgments file")
+            records.append(record)
+            self._judged_on.setdefault(record["pair_id"], (line, record.get("answers_sha")))
         return records
+
+    def check(self, pairs: Sequence[Pair]) -> None:
+        """Refuses to resume on other answers: a pair of `pairs` judged in the file must have the answers it
+        was judged on (say the response files were regenerated since), else DataError naming the line."""
+        for pair in pairs:
+            line, sha = self._judged_on.get(pair.pair_id, (0, pair.answers_sha))
+            if sha != pair.answers_sha:
+                raise DataError(f"{self.path}:{line}: this pair was judged on different answers (answers_sha "
+                                f"{sha}, now {pair.answers_sha}); use a new --judgments file")
 
     @property
     def done(self) -> frozenset[str]:
@@ -167,8 +185,8 @@ class JudgmentStore:
         """Records the verdict on `pair` (winner: "a", "b" or "tie") and syncs it to disk before returning."""
         if winner not in CHOICES:
             raise ValueError(f"winner={winner!r}: not one of {CHOICES}")
-        record = {"pair_id": pair.pair_id, "prompt": list(pair.prompt), "a_name": self.a_name,
-                  "b_name": self.b_name, "winner": winner, **fields, "time": _now()}
+        record = {"pair_id": pair.pair_id, "prompt": list(pair.prompt), "answers_sha": pair.answers_sha,
+                  "a_name": self.a_name, "b_name": self.b_name, "winner": winner, **fields, "time": _now()}
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -193,12 +211,18 @@ class JudgmentStore:
 
 
 def read_judgments(path: str | pathlib.Path) -> list[dict]:
-    """Judgments of a file written by `JudgmentStore` (any systems), each checked."""
-    records = []
+    """Judgments of a file written by `JudgmentStore` (any systems), each checked; a pair judged twice by
+    the same rater raises DataError naming both lines."""
+    records, seen = [], {}
     for line, record in iter_jsonl(path):
         if not isinstance(record, dict) or record.get("winner") not in CHOICES or not {
                 "pair_id", "a_name", "b_name"} <= set(record):
             raise DataError(f"{path}:{line}: not a judgment (needs pair_id, a_name, b_name, winner in {CHOICES})")
+        key = json.dumps([record[k] for k in ("pair_id", "a_name", "b_name")] + [record.get("rater")])
+        if key in seen:
+            raise DataError(f"{path}:{line}: pair_id {record['pair_id']!r} is judged twice by the same rater "
+                            f"(also at {path}:{seen[key]})")
+        seen[key] = line
         records.append(record)
     if not records:
         raise DataError(f"{path}: no judgments")
