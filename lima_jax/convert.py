@@ -19,15 +19,22 @@ nothing else needs to change, since permuting q and k alike leaves every attenti
 Memory: a reader yields one tensor at a time and the checkpoint is written one parameter kind (e.g. all
 layers' w1) at a time, so peak host memory is about the largest stacked kind plus one source tensor. Inputs
 are validated (config fields, missing files, tensor shapes) before any tensor is read.
+
+Output: every command writes into a sibling `<output>.partial` and renames it onto `--output` only when
+complete (`_atomic_folder`), so a crash never leaves a half-written folder at `--output`. An existing non-empty
+`--output` is refused unless `--overwrite`; the old folder is then deleted only after the new one is in place.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import re
+import shutil
 import struct
 import time
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -215,6 +222,65 @@ def _require(cond: bool, where: Any, message: str) -> None:
         raise ConversionError(f"{where}: {message}")
 
 
+# ------------------------------------------------------------------------------------------ output folder
+
+
+def _check_output(output: str | pathlib.Path, overwrite: bool,
+                  inputs: Sequence[str | pathlib.Path | None] = ()) -> pathlib.Path:
+    """The absolute `output` folder, refused when it exists non-empty without `overwrite`, or when replacing it
+    would delete one of `inputs`. Creates nothing."""
+    output = pathlib.Path(os.path.abspath(output))
+    if not (output.exists() or output.is_symlink()):
+        return output
+    _require(output.is_dir(), output, "exists and is not a folder")
+    if any(output.iterdir()):
+        _require(overwrite, output, "exists and is not empty: pass --overwrite to replace it (the old folder "
+                 "is deleted only once the new one is complete)")
+        for path in inputs:
+            if path is not None:
+                path = pathlib.Path(path).resolve()
+                _require(not path.is_relative_to(output.resolve()), output,
+                         f"--overwrite would delete the input {path}")
+    return output
+
+
+def _remove(path: pathlib.Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def _atomic_folder(output: str | pathlib.Path, overwrite: bool,
+                   inputs: Sequence[str | pathlib.Path | None] = ()) -> Iterator[pathlib.Path]:
+    """Yields an empty sibling folder `<output>.partial` to write into (one left over from a crashed run is
+    removed first). When the block completes it is renamed onto `output`; an existing `output` (allowed by
+    `_check_output`) is first renamed to `<output>.old`, and deleted once the new folder is in place. When the
+    block raises, `<output>.partial` is removed and `output` is left as it was."""
+    output = _check_output(output, overwrite, inputs)
+    partial = output.with_name(output.name + ".partial")
+    _remove(partial)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        output = _check_output(output, overwrite, inputs)  # again: it may have been filled meanwhile
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    old = None
+    if output.exists() or output.is_symlink():
+        if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):
+            output.rmdir()
+        else:
+            old = output.with_name(output.name + ".old")
+            _remove(old)
+            os.rename(output, old)
+    os.rename(partial, output)
+    if old is not None:
+        _remove(old)
+
+
 class HuggingFaceSource:
     """A Hugging Face LLaMA folder: config.json + model.safetensors or sharded with an index."""
 
@@ -222,6 +288,7 @@ class HuggingFaceSource:
 
     def __init__(self, folder: str | pathlib.Path):
         folder = pathlib.Path(folder)
+        self.location = folder
         config_path = folder / "config.json"
         _require(config_path.is_file(), config_path, "not found (expected a Hugging Face model folder)")
         hf = json.loads(config_path.read_text())
@@ -332,6 +399,29 @@ def _meta_hidden_dim(params: dict) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+# params.json fields the import reads (`_meta_hidden_dim` and `MetaSource`), or that do not change the network
+# (max_batch_size, max_seq_len: inference buffers). rope_scaling_factor / rope_high_freq_factor are only used
+# by Meta's code with use_scaled_rope, which is refused.
+_META_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "rope_high_freq_factor",
+                "max_batch_size", "max_seq_len")
+
+
+def _check_meta_params(params: Any, where: Any) -> None:
+    """Refuses a params.json that would import as another function than Meta's: scaled RoPE (LLaMA-3.1/3.2)
+    and any field the converter does not know (multimodal, mixture-of-experts, QK-norm, chunked attention,
+    quantization, ... in later releases); a known-unknown field that is null or false is accepted."""
+    _require(isinstance(params, dict), where, "not a JSON object")
+    for key in ("dim", "n_layers", "n_heads"):
+        _require(key in params, where, f"field '{key}' missing")
+    _require(not params.get("use_scaled_rope"), where, "use_scaled_rope=true: only default RoPE is supported "
+             "(no scaled RoPE, as in LLaMA-3.1/3.2)")
+    for key, value in params.items():
+        _require(key in _META_FIELDS or value is None or value is False, where,
+                 f"field '{key}'={json.dumps(value)} is not supported (unknown to the converter, it may change "
+                 f"the model; supported fields: {', '.join(_META_FIELDS)})")
+
+
 # Meta name -> (Hugging Face name, model-parallel concat axis; None = replicated on every shard)
 _META_NAMES = (
     ("tok_embeddings.weight", "model.embed_tokens.weight", "embedding"),
@@ -363,11 +453,11 @@ class MetaSource:
     def __init__(self, folder: str | pathlib.Path):
         import torch
         folder = pathlib.Path(folder)
+        self.location = folder
         params_path = folder / "params.json"
         _require(params_path.is_file(), params_path, "not found (expected Meta's params.json)")
         params = json.loads(params_path.read_text())
-        for key in ("dim", "n_layers", "n_heads"):
-            _require(key in params, params_path, f"field '{key}' missing")
+        _check_meta_params(params, params_path)
         self.files = sorted(folder.glob("consolidated.*.pth"))
         _require(bool(self.files), folder, "no consolidated.NN.pth files")
         numbers = [int(re.fullmatch(r"consolidated\.(\d+)\.pth", f.name).group(1)) for f in self.files]
@@ -444,7 +534,7 @@ class Llama2cSource:
     _HEADER = struct.Struct("<7i")
 
     def __init__(self, path: str | pathlib.Path):
-        self.path = pathlib.Path(path)
+        self.path = self.location = pathlib.Path(path)
         _require(self.path.is_file(), self.path, "not found")
         with open(self.path, "rb") as f:
             raw = f.read(self._HEADER.size)
@@ -558,15 +648,19 @@ def _nest(path: Path, value: Any) -> dict:
 
 
 def import_checkpoint(source: Source, output: str | pathlib.Path, dtype: str | None = None,
-                      extra: dict | None = None) -> ModelConfig:
-    """Validates `source` and writes it as a lima_jax parameter checkpoint in `dtype` (default: as stored)."""
+                      extra: dict | None = None, overwrite: bool = False) -> ModelConfig:
+    """Validates `source` and writes it as a lima_jax parameter checkpoint in `dtype` (default: as stored),
+    atomically (see `_atomic_folder`): an existing non-empty `output` is refused unless `overwrite`."""
     check_source(source)
+    inputs = [getattr(source, "location", None)]
+    _check_output(output, overwrite, inputs)
     dtype = dtype or source.dtype
     cfg = dataclasses.replace(source.config, param_dtype=dtype)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     meta = {"source_rope_layout": source.rope_layout, **(extra or {})}
-    checkpoint.save_params_incrementally(
-        output, (_nest(path, array) for path, array in _kind_arrays(source, np_dtype)), cfg, meta)
+    with _atomic_folder(output, overwrite, inputs) as folder:
+        checkpoint.save_params_incrementally(
+            folder, (_nest(path, array) for path, array in _kind_arrays(source, np_dtype)), cfg, meta)
     return cfg
 
 
@@ -697,13 +791,16 @@ def load_lima_params(path: str | pathlib.Path) -> tuple[dict, ModelConfig]:
 
 
 def export_hf(input_path: str | pathlib.Path, tokenizer_path: str | pathlib.Path, output: str | pathlib.Path,
-              dtype: str | None = None, max_shard_bytes: int = 5 * 2**30) -> ModelConfig:
+              dtype: str | None = None, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> ModelConfig:
     """Writes a Hugging Face LLaMA folder (weights, config, tokenizer, generation config) for a lima_jax
     checkpoint. When the vocabulary includes lima_jax's EOT (sentencepiece size + 1), EOT becomes the
-    tokenizer's special `<eot>`, the eos token and the generation stop token."""
+    tokenizer's special `<eot>`, the eos token and the generation stop token.
+
+    The folder is written atomically (see `_atomic_folder`): an existing non-empty `output` is refused unless
+    `overwrite`, and is then replaced as a whole, so no file of an earlier export survives."""
     tok = Tokenizer(tokenizer_path)  # fails early, before the weights are read
-    output = pathlib.Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    inputs = [input_path, tokenizer_path]
+    _check_output(output, overwrite, inputs)  # likewise (creates nothing)
     params, cfg = load_lima_params(input_path)
     has_eot = cfg.vocab_size == tok.vocab_size
     if not has_eot and cfg.vocab_size != tok.eot_id:
@@ -711,13 +808,14 @@ def export_hf(input_path: str | pathlib.Path, tokenizer_path: str | pathlib.Path
                               f"{tokenizer_path} ({tok.eot_id} pieces) nor it plus EOT ({tok.vocab_size})")
     dtype = dtype or cfg.param_dtype
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-    write_hf_weights(output, params, cfg, np_dtype, max_shard_bytes)
     stop_id = tok.eot_id if has_eot else tok.eos_id
     hf_config = model_to_hf_config(cfg, dtype, tok.bos_id, stop_id, None)
-    (output / "config.json").write_text(json.dumps(hf_config, indent=2))
     generation = {"bos_token_id": tok.bos_id, "eos_token_id": stop_id, "do_sample": False}
-    (output / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    write_hf_tokenizer(tok, output, with_eot=has_eot)
+    with _atomic_folder(output, overwrite, inputs) as folder:
+        write_hf_weights(folder, params, cfg, np_dtype, max_shard_bytes)
+        (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        write_hf_tokenizer(tok, folder, with_eot=has_eot)
     return cfg
 
 
@@ -726,6 +824,8 @@ def export_hf(input_path: str | pathlib.Path, tokenizer_path: str | pathlib.Path
 _SOURCES: dict[str, Callable[[str], Source]] = {
     "from_hf": HuggingFaceSource, "from_meta": MetaSource, "from_llama2c": Llama2cSource}
 _DTYPES = ("float32", "bfloat16", "float16")
+_OVERWRITE_HELP = ("replace a non-empty --output (as a whole, once the new folder is complete); without it such "
+                   "an --output is refused")
 
 
 def _peak_rss_mib() -> float:
@@ -745,6 +845,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--input", required=True, help="the source folder (or .bin file for llama2.c)")
         p.add_argument("--output", required=True, help="the lima_jax checkpoint folder to write")
         p.add_argument("--dtype", choices=_DTYPES, default=None, help="stored dtype (default: as in the source)")
+        p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     text = "lima_jax parameter or training checkpoint -> Hugging Face folder (weights, config, tokenizer)"
     p = sub.add_parser("to_hf", help=text, description=text)
     p.add_argument("--input", required=True, help="a converted/saved params folder or workdir/checkpoints/<step>")
@@ -752,13 +853,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--output", required=True, help="the Hugging Face folder to write")
     p.add_argument("--dtype", choices=_DTYPES, default=None, help="weights dtype (default: as stored)")
     p.add_argument("--max_shard_gb", type=float, default=5.0, help="split safetensors above this size")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     args = parser.parse_args(argv)
 
     tic = time.perf_counter()
     if args.command == "to_hf":
-        cfg = export_hf(args.input, args.tokenizer, args.output, args.dtype, int(args.max_shard_gb * 2**30))
+        cfg = export_hf(args.input, args.tokenizer, args.output, args.dtype, int(args.max_shard_gb * 2**30),
+                        overwrite=args.overwrite)
     else:
-        cfg = import_checkpoint(_SOURCES[args.command](args.input), args.output, args.dtype)
+        _check_output(args.output, args.overwrite, [args.input])  # before the source is opened
+        cfg = import_checkpoint(_SOURCES[args.command](args.input), args.output, args.dtype,
+                                overwrite=args.overwrite)
     print(f"{args.command}: wrote {args.output} ({cfg.num_params():,} parameters, {cfg.param_dtype}) in "
           f"{time.perf_counter() - tic:.1f} s, peak host memory {_peak_rss_mib():.0f} MiB")
 

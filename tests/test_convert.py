@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import struct
 
 import jax
@@ -316,6 +317,170 @@ def test_meta_missing_shard_tensor_is_named(meta_weights, tmp_path):
     (src / "consolidated.01.pth").rename(src / "consolidated.03.pth")
     with pytest.raises(convert.ConversionError, match=r"consolidated.00.pth .. 01"):
         convert.MetaSource(src)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("use_scaled_rope", True, r"params.json: use_scaled_rope=true: only default RoPE is supported"),
+    ("use_qk_norm", True, r"params.json: field 'use_qk_norm'=true is not supported"),
+    ("moe_args", {"num_experts": 16}, r"params.json: field 'moe_args'=\{\"num_experts\": 16\} is not supported"),
+    ("vision_chunk_size", 560, r"params.json: field 'vision_chunk_size'=560 is not supported"),
+])
+def test_meta_unsupported_params_refused_before_any_tensor(meta_weights, tmp_path, monkeypatch, field, value,
+                                                           message):
+    """LLaMA-3.1/3.2's scaled RoPE (and fields of later releases) would import silently as another function:
+    refused from params.json alone, before a shard is opened, and nothing is written."""
+    torch = pytest.importorskip("torch", reason="torch is in the 'parity' extra")
+    src = _write_meta(tmp_path / "meta", meta_weights, 1)
+    (src / "params.json").write_text(json.dumps({**META, "rope_theta": 500000.0, field: value}))
+
+    def no_tensor_reads(*args, **kwargs):
+        raise AssertionError("a shard was opened before params.json was validated")
+    monkeypatch.setattr(torch, "load", no_tensor_reads)
+    with pytest.raises(convert.ConversionError, match=re.escape(f"{src / 'params.json'}: ")):
+        convert.MetaSource(src)
+    with pytest.raises(convert.ConversionError, match=message):
+        convert.main(["from_meta", "--input", str(src), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_meta_harmless_params_accepted(meta_weights, tmp_path):
+    """use_scaled_rope=false, inference-only fields and null fields import as before."""
+    pytest.importorskip("torch", reason="torch is in the 'parity' extra")
+    src = _write_meta(tmp_path / "meta", meta_weights, 1)
+    extra = {"use_scaled_rope": False, "max_seq_len": 64, "max_batch_size": 4, "ffn_dim_multiplier": None,
+             "vision_chunk_size": None}
+    (src / "params.json").write_text(json.dumps({**META, **extra}))
+    cfg = convert.MetaSource(src).config
+    assert (cfg.max_seq_len, cfg.hidden_dim) == (64, _meta_hidden(64, 32))
+
+
+@pytest.mark.parametrize("params, intermediate_size", [
+    ({"dim": 4096, "multiple_of": 256}, 11008),  # LLaMA-2 7B
+    ({"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3}, 28672),  # LLaMA-2 70B, LLaMA-3 70B
+    ({"dim": 4096, "multiple_of": 1024, "ffn_dim_multiplier": 1.3}, 14336),  # LLaMA-3 8B
+    ({"dim": 2048, "multiple_of": 256, "ffn_dim_multiplier": 1.5}, 8192),  # LLaMA-3.2 1B
+])
+def test_meta_hidden_dim_honours_ffn_dim_multiplier(params, intermediate_size):
+    """Meta's FeedForward size rule gives the intermediate_size of the released models."""
+    assert convert._meta_hidden_dim(params) == intermediate_size
+
+
+# ------------------------------------------------------------------------------- output folders
+
+
+def _snapshot(folder: pathlib.Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def _siblings(folder: pathlib.Path) -> list[str]:
+    """Names next to `folder` that start with its name (leftover temporary folders)."""
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(folder.name))
+
+
+@pytest.fixture(scope="module")
+def other_lima(exported, tmp_path_factory):
+    """The exported lima_jax checkpoint with another lm_head: a second model to export over the first."""
+    lima, _ = exported
+    params = checkpoint.restore_params(lima)
+    params["lm_head"] = params["lm_head"][:, ::-1].copy()
+    folder = tmp_path_factory.mktemp("other") / "lima"
+    checkpoint.save_params(folder, params, ModelConfig(**checkpoint.read_params_meta(lima)["model"]))
+    return folder
+
+
+def test_export_over_earlier_export_needs_overwrite_and_leaves_no_stale_file(exported, other_lima, tmp_path):
+    """An earlier single-file export is refused without --overwrite and replaced as a whole with it: its
+    model.safetensors (which transformers prefers to a shard index) must not survive a sharded re-export."""
+    import transformers
+    lima, _ = exported
+    hf = tmp_path / "hf"
+    convert.main(["to_hf", "--input", str(lima), "--tokenizer", str(TOY_TOKENIZER), "--output", str(hf)])
+    assert (hf / "model.safetensors").is_file()
+    before = _snapshot(hf)
+    sharded = ["to_hf", "--input", str(other_lima), "--tokenizer", str(TOY_TOKENIZER), "--output", str(hf),
+               "--max_shard_gb", "0.0001"]
+    with pytest.raises(convert.ConversionError, match=r"/hf: exists and is not empty: pass --overwrite"):
+        convert.main(sharded)
+    assert _snapshot(hf) == before and _siblings(hf) == ["hf"]
+
+    convert.main(sharded + ["--overwrite"])
+    assert not (hf / "model.safetensors").exists() and (hf / "model.safetensors.index.json").is_file()
+    assert _siblings(hf) == ["hf"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(hf, local_files_only=True).eval()
+    ours = torch_logits(reloaded, TOKENS)
+    assert np.max(np.abs(ours - lima_logits(other_lima, TOKENS))) < LOGIT_TOL  # the new weights ...
+    assert np.max(np.abs(ours - lima_logits(lima, TOKENS))) > 0.1  # ... not the old ones
+
+
+def _crashing_writer(monkeypatch):
+    """Makes the safetensors writer write part of its file, then fail (a crash or full disk midway)."""
+    def write(path, tensors, produce):
+        pathlib.Path(path).write_bytes(b"\0" * 100)
+        raise OSError("No space left on device (simulated)")
+    monkeypatch.setattr(convert, "write_safetensors", write)
+
+
+def test_export_failing_midway_leaves_output_as_it_was(exported, other_lima, tmp_path, monkeypatch):
+    lima, _ = exported
+    hf = tmp_path / "hf"
+    (tmp_path / "hf.partial").mkdir()  # left over from a killed run: removed, never taken for the output
+    (tmp_path / "hf.partial" / "model.safetensors").write_bytes(b"stale")
+    with monkeypatch.context() as m:
+        _crashing_writer(m)
+        with pytest.raises(OSError, match="simulated"):
+            convert.export_hf(lima, TOY_TOKENIZER, hf)
+    assert _siblings(hf) == []  # no output (not even an empty folder), no temporary folder
+
+    convert.export_hf(lima, TOY_TOKENIZER, hf)
+    before = _snapshot(hf)
+    with monkeypatch.context() as m:
+        _crashing_writer(m)
+        with pytest.raises(OSError, match="simulated"):
+            convert.export_hf(other_lima, TOY_TOKENIZER, hf, overwrite=True)
+    assert _snapshot(hf) == before and _siblings(hf) == ["hf"]
+
+
+def test_import_into_existing_checkpoint_needs_overwrite(tmp_path, monkeypatch):
+    src = _tiny_hf_folder(tmp_path / "src")
+    out = tmp_path / "lima"
+    convert.main(["from_hf", "--input", str(src), "--output", str(out)])
+    before = _snapshot(out)
+    with pytest.raises(convert.ConversionError, match=r"/lima: exists and is not empty: pass --overwrite"):
+        convert.main(["from_hf", "--input", str(src), "--output", str(out), "--dtype", "bfloat16"])
+    assert _snapshot(out) == before
+
+    calls = []
+
+    def failing_read(self, name):  # the source fails after a few tensors, while the checkpoint is written
+        calls.append(name)
+        if len(calls) > 4:
+            raise OSError("read error (simulated)")
+        return convert._read_entry(self.entries[name])
+    with monkeypatch.context() as m:
+        m.setattr(convert.HuggingFaceSource, "read", failing_read)
+        with pytest.raises(OSError, match="simulated"):
+            convert.main(["from_hf", "--input", str(src), "--output", str(out), "--overwrite"])
+    assert len(calls) == 5 and _snapshot(out) == before and _siblings(out) == ["lima"]
+
+    convert.main(["from_hf", "--input", str(src), "--output", str(out), "--dtype", "bfloat16", "--overwrite"])
+    assert checkpoint.read_params_meta(out)["model"]["param_dtype"] == "bfloat16"
+    assert {str(x.dtype) for x in jax.tree.leaves(checkpoint.restore_params(out))} == {"bfloat16"}
+    assert _siblings(out) == ["lima"]
+    with pytest.raises(convert.ConversionError, match=r"--overwrite would delete the input"):
+        convert.main(["from_hf", "--input", str(src), "--output", str(tmp_path), "--overwrite"])
+    assert src.is_dir() and out.is_dir()
+
+
+def test_import_without_model_json_is_not_a_checkpoint(tmp_path):
+    """model.json is written last: a folder without it (an import that died midway) is refused by readers."""
+    out = tmp_path / "lima"
+    convert.import_checkpoint(convert.HuggingFaceSource(_tiny_hf_folder(tmp_path / "src")), out)
+    assert convert.load_lima_params(out)[1].dim == 16
+    (out / "model.json").unlink()
+    with pytest.raises(convert.ConversionError, match=r"model.json"):
+        convert.load_lima_params(out)
+    with pytest.raises(FileNotFoundError, match=r"model.json"):  # what config.init_from reads
+        checkpoint.stored_model_config(out)
 
 
 # ------------------------------------------------------------------------------------- bad input
