@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from lima_jax import sharding
 from lima_jax.config import ModelConfig
 from lima_jax.fileio import atomic_write_text
 from lima_jax.data.formats import DataError, iter_jsonl, parse_record
@@ -238,7 +239,6 @@ class Generator:
 
     def __init__(self, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, mesh: Mesh, rules,
                  batch_size: int = 8, use_cache: bool = True):
-        from lima_jax import sharding
         self.model = Llama(model_cfg)
         self.cfg = model_cfg
         self.params = params
@@ -258,8 +258,8 @@ class Generator:
                                stop_ids=(self.tokenizer.eot_id, self.tokenizer.eos_id), use_cache=self.use_cache)
         return jax.jit(fn, out_shardings=self._replicated)
 
-    def _put(self, array: np.ndarray, sharding) -> jax.Array:
-        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    def _put(self, array: np.ndarray, target: jax.sharding.Sharding) -> jax.Array:
+        return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
 
     def check_prompt_length(self, num_tokens: int, where: str) -> None:
         if num_tokens >= self.cfg.max_seq_len:
@@ -276,7 +276,7 @@ class Generator:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[Completion | None] = [None] * len(prompts)
         static = dataclasses.replace(settings, seed=0)
-        with self.mesh, nn.logical_axis_rules(self.rules):
+        with sharding.activate(self.mesh, self.rules):
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
                 for i, completion in zip(chunk, self._generate_batch([prompts[i] for i in chunk],

@@ -384,7 +384,7 @@ def compile_layout(config: ml_collections.ConfigDict, model_cfg: ModelConfig, de
     tx = make_optimizer(config, total_steps)
     step = train.make_train_step(model, config, learning_rate_schedule(config, total_steps),
                                  jax.random.key(config.seed + 1))
-    with mesh, nn.logical_axis_rules(rules):  # as lima_jax.train does
+    with sharding.activate(mesh, rules):  # as lima_jax.train does
         abstract, state_shardings = train.abstract_train_state(model, tx, mesh, rules)
         batch_sharding = sharding.batch_sharding(mesh, rules)
         jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding),
@@ -466,7 +466,7 @@ def _out_of_memory_report(spec: str, mesh: str, message: str, device: Any,
 
 def _time_steps(report: LayoutReport, cfg, compiled, model, tx, state_shardings, batch_sharding, mesh,
                 steps: int, peak_tflops: float | None, num_devices: int, vocab_size: int) -> None:
-    with mesh:
+    with jax.set_mesh(mesh):
         state = train.create_train_state(model, tx, state_shardings, jax.random.key(cfg.seed))
         batch = train.global_batch(synthetic_batch(cfg, vocab_size), batch_sharding)
         state, metrics = compiled(state, batch)  # warm-up
@@ -526,19 +526,20 @@ def format_table(reports: Sequence[LayoutReport]) -> str:
 
 def markdown_table(reports: Sequence[LayoutReport]) -> str:
     """The memory/fit/FLOPs/collectives summary as a Markdown table (for docs)."""
-    lines = ["| layout | mesh (data x fsdp x tensor) | arguments GiB | temporaries GiB | peak GiB | fits | "
-             "XLA TFLOP (loop once) | 6N+attn TFLOP | all-gather GiB | all-reduce GiB | reduce-scatter GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = ["layout", "mesh (data x fsdp x tensor)", "arguments GiB", "temporaries GiB", "peak GiB", "fits",
+               "XLA TFLOP (loop once)", "6N+attn TFLOP", *(f"{kind} GiB" for kind in COLLECTIVES),
+               "collectives GiB"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in reports:
         if r.error and r.fits != "NO":
-            lines.append(f"| {r.layout} | {r.mesh} | invalid: {_short_error(r.error)} |||||||||")
+            lines.append(f"| {r.layout} | {r.mesh} | invalid: {_short_error(r.error)} |" + "|" * (len(columns) - 3))
             continue
         fits = f"{r.fits} ({_fmt(r.device_memory_gib)} GiB)" if r.fits else "-"
-        gib = {k: _fmt(r.collectives[k]["bytes"] / 2 ** 30) if r.collectives else "-"
-               for k in ("all-gather", "all-reduce", "reduce-scatter")}
-        lines.append(f"| {r.layout} | {r.mesh} | {_fmt(r.argument_gib)} | {_fmt(r.temp_gib)} | {_fmt(r.peak_gib)} | "
-                     f"{fits} | {_fmt(r.xla_tflop)} | {_fmt(r.analytic_tflop)} | {gib['all-gather']} | "
-                     f"{gib['all-reduce']} | {gib['reduce-scatter']} |")
+        moved = [r.collectives[kind]["bytes"] / 2 ** 30 for kind in COLLECTIVES] if r.collectives else []
+        cells = [r.layout, r.mesh, _fmt(r.argument_gib), _fmt(r.temp_gib), _fmt(r.peak_gib), fits,
+                 _fmt(r.xla_tflop), _fmt(r.analytic_tflop), *(_fmt(g) for g in moved)]
+        cells += [_fmt(sum(moved))] if moved else ["-"] * (len(COLLECTIVES) + 1)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ Everything here is checked before anything is compiled: errors name the config f
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -191,6 +192,18 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
     shape = mesh_shape(config, len(devices))
     validate_for_mesh(config, shape, vocab_size)
     return Mesh(device_grid(shape, devices, _where(config)), MESH_AXES)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules):
+    """The context to trace, compile and run the model in: `mesh` set as JAX's current mesh and `rules` as
+    flax's logical axis rules.
+
+    `jax.set_mesh`, not the legacy `with mesh:`: under the latter JAX's abstract mesh stays empty and flax
+    silently drops every `with_logical_constraint`, leaving XLA to shard the activations as it likes.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
 
 
 def logical_sharding(mesh: Mesh, rules: Rules, logical_axes: tuple[str | None, ...]) -> NamedSharding:

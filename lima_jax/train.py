@@ -112,14 +112,17 @@ def _init_boxed_state(model: Llama, tx: optax.GradientTransformation, seq_len: i
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
+def _abstract_key() -> jax.ShapeDtypeStruct:
+    """A PRNG key's shape for eval_shape. A concrete key would be placed on the current mesh, which for an
+    ahead-of-time TPU topology has no devices to run on."""
+    return jax.eval_shape(jax.random.key, 0)
+
+
 def abstract_train_state(model: Llama, tx: optax.GradientTransformation, mesh: Mesh, rules,
                          seq_len: int = 8) -> tuple[Any, Any]:
     """(abstract state with shardings attached, state shardings), from `eval_shape`: no memory used."""
-    boxed = jax.eval_shape(lambda r: _init_boxed_state(model, tx, seq_len, r), jax.random.key(0))
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            nn.meta.unbox(boxed), shardings)
-    return abstract, shardings
+    boxed = jax.eval_shape(lambda r: _init_boxed_state(model, tx, seq_len, r), _abstract_key())
+    return _sharded_shapes(boxed, mesh, rules)
 
 
 def create_train_state(model: Llama, tx: optax.GradientTransformation, shardings: Any, rng: jax.Array,
@@ -131,10 +134,19 @@ def create_train_state(model: Llama, tx: optax.GradientTransformation, shardings
 
 def abstract_params(model: Llama, mesh: Mesh, rules) -> Any:
     """ShapeDtypeStructs (with shardings on `mesh`) of the model's parameters; no memory used."""
-    boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))
+    boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"], _abstract_key())
+    return _sharded_shapes(boxed, mesh, rules)[0]
+
+
+def _sharded_shapes(boxed: Any, mesh: Mesh, rules) -> tuple[Any, Any]:
+    """(ShapeDtypeStructs carrying their shardings, the shardings) of an `eval_shape` tree of flax boxes.
+
+    Unboxed without the sharding constraint flax's `unbox` would apply: these are shapes, not arrays."""
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        nn.meta.unbox(boxed), shardings)
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+    shapes = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, boxed, is_leaf=is_box)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return abstract, shardings
 
 
 def check_init_from(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> dict:
@@ -236,7 +248,7 @@ def train(config: ml_collections.ConfigDict, after_epoch: Callable[..., None] | 
     model = Llama(model_cfg)
     schedule = learning_rate_schedule(config, total_steps)
     tx = make_optimizer(config, total_steps)
-    with mesh, nn.logical_axis_rules(rules):
+    with sharding.activate(mesh, rules):
         abstract, state_shardings = abstract_train_state(model, tx, mesh, rules)
         checkpoints = checkpoint.TrainCheckpoints(workdir / "checkpoints")
         latest = checkpoints.latest_step()

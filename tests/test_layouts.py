@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +116,22 @@ def test_compare_on_toy_reports_memory_flops_collectives_and_speed(toy_config, t
     table = layouts.format_table(reports)
     assert "invalid: " in table and "fsdp_tp:1x4x2" in table
     print(table)
+
+
+@pytest.mark.slow
+def test_fsdp_gathers_weights_and_never_moves_whole_batch_activations(toy_config):
+    """ZeRO-3: per layer, every weight matrix is all-gathered and the only all-reduce is the gradient's
+    (at most one parameter-sized sum). A lost activation constraint once let XLA all-gather the batch and
+    all-reduce [batch, length, mlp] activations instead: 14x the parameter bytes on this model."""
+    toy_config.mesh.update(layout="fsdp", data=1, fsdp=8, tensor=1)
+    model_cfg = model_config(toy_config, vocab_size=513)
+    compiled, model, *_ = layouts.compile_layout(toy_config, model_cfg, jax.devices())
+    stats = layouts.collective_stats(layouts.HloModule.parse(compiled.as_text()))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    param_bytes = sum(4 * x.size for x in jax.tree.leaves(nn.meta.unbox(shapes)))
+    weight_matrices = 7  # wq, wk, wv, wo, w1, w2, w3
+    assert stats["all-gather"]["count"] >= weight_matrices * model_cfg.n_layers
+    assert 0 < stats["all-reduce"]["bytes"] <= 1.05 * param_bytes
 
 
 def test_unknown_layout_is_a_config_error(toy_config):

@@ -44,7 +44,7 @@ def _state_and_step(config, devices):
     model = Llama(model_cfg)
     total = 100
     tx = make_optimizer(config, total)
-    with mesh, nn.logical_axis_rules(rules):
+    with sharding.activate(mesh, rules):
         abstract, shardings = train.abstract_train_state(model, tx, mesh, rules)
         state = train.create_train_state(model, tx, shardings, jax.random.key(config.seed))
         batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -63,7 +63,7 @@ def _losses(config, devices) -> list[float]:
     batches = data.epoch_batches(report.examples, batch_size=config.train.batch_size, max_len=config.data.max_len,
                                  seed=config.seed, epoch=1, process_index=block, process_count=blocks)
     losses = []
-    with mesh:
+    with jax.set_mesh(mesh):
         for _, local in zip(range(STEPS), batches):
             state, metrics = step(state, train.global_batch(local, batch_sharding, shape))
             losses.append(float(metrics["loss"]))
@@ -101,7 +101,7 @@ def _abstract_state(config, devices=None):
     model_cfg = model_config(config, vocab_size=512)
     mesh = sharding.make_mesh(config, devices, vocab_size=model_cfg.vocab_size)
     rules = sharding.layout_rules(config, vocab_size=512, shape=mesh.devices.shape)
-    with mesh, nn.logical_axis_rules(rules):
+    with sharding.activate(mesh, rules):
         return train.abstract_train_state(Llama(model_cfg), make_optimizer(config, 10), mesh, rules)
 
 
@@ -173,6 +173,18 @@ def test_batch_not_divisible_fails_in_setup_before_any_compile(toy_config):
     with pytest.raises(ConfigError, match="kv_heads size 2 is not divisible by mesh axes tensor of size 4"):
         train.setup(config)
     assert compiles == []
+
+
+def test_activate_makes_the_models_logical_constraints_bind(toy_config):
+    """Under the legacy `with mesh:` flax drops every logical constraint without a word; `activate` must
+    make them reach XLA (here: a replicated input comes out split over the batch's mesh axes)."""
+    config = _with_mesh(toy_config, "fsdp", 2, 4, 1)
+    mesh = sharding.make_mesh(config)
+    rules = sharding.layout_rules(config)
+    x = jax.device_put(np.zeros((8, 16), np.float32), sharding.replicated(mesh))
+    with sharding.activate(mesh, rules):
+        out = jax.jit(lambda a: nn.with_logical_constraint(a * 2, ("batch", "length")))(x)
+    assert out.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), None)), 2)
 
 
 def test_bad_user_rule_is_rejected(toy_config):
