@@ -20,6 +20,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 from absl import flags, logging
 
 _COORDINATOR = flags.DEFINE_string(
@@ -146,3 +147,12 @@ def barrier(name: str, timeout_s: int | None = None) -> None:
 def is_main_process() -> bool:
     """Host 0: the one that logs, writes metrics and prints reports."""
     return jax.process_index() == 0
+
+
+def main_process_says(value: bool) -> bool:
+    """Host 0's `value` on every host: for decisions that read files only host 0 writes, so that all hosts
+    take the same branch into collective work."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(value)))

@@ -11,6 +11,8 @@ import time
 import jax
 from absl import logging
 
+from lima_jax.fileio import atomic_write_text
+
 
 def quiet_library_logs() -> None:
     """Keeps orbax's per-save INFO chatter out of the console (its warnings and errors still show)."""
@@ -24,7 +26,14 @@ def quiet_library_logs() -> None:
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | pathlib.Path, total_steps: int):
+    """Writes a run's metrics; `resumed_at` is the step of the state training goes on from.
+
+    Metrics logged after that step by an interrupted run are dropped: its lines in metrics.jsonl are
+    removed and TensorBoard is told to purge them, so both show one curve, the one that led to the
+    current state, with no step twice.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, total_steps: int, resumed_at: int = 0):
         self.enabled = jax.process_index() == 0
         self.total_steps = total_steps
         self.start_time = time.time()
@@ -34,8 +43,13 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter
         workdir = pathlib.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self.tensorboard = SummaryWriter(logdir=str(workdir / "tensorboard"))
-        self.jsonl = (workdir / "metrics.jsonl").open("a", encoding="utf-8")
+        path = workdir / "metrics.jsonl"
+        dropped = _drop_records_after(path, resumed_at)
+        if dropped:
+            logging.info("%s: dropped %d records after step %d, logged by the interrupted run", path, dropped,
+                         resumed_at)
+        self.tensorboard = SummaryWriter(logdir=str(workdir / "tensorboard"), purge_step=resumed_at + 1)
+        self.jsonl = path.open("a", encoding="utf-8")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Logs `metrics` of the 1-based global `step`."""
@@ -68,6 +82,27 @@ class MetricsWriter:
         if self.enabled:
             self.tensorboard.close()
             self.jsonl.close()
+
+
+def _drop_records_after(path: pathlib.Path, step: int) -> int:
+    """Rewrites `path` (atomically) without the records whose step is after `step`; how many went."""
+    if not path.exists():
+        return 0
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                break  # a last line cut short by the crash
+            raise ValueError(f"{path}:{number}: not a JSON metrics record ({e})") from e
+        if record.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if "".join(kept) != text:
+        atomic_write_text(path, "".join(kept))
+    return len(lines) - len(kept)
 
 
 def _plain(value):

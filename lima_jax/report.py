@@ -217,7 +217,7 @@ def dev_report_hook(config) -> Callable[..., None] | None:
 
     The dev prompts are read and checked here, before training starts, so a bad dev file fails at once.
     """
-    from lima_jax import sharding
+    from lima_jax import distributed, sharding
     from lima_jax.generate import Generator, SamplingConfig, answer_prompts, check_prompts_fit, read_prompts, \
         write_jsonl
     from lima_jax.tokenizer import Tokenizer
@@ -232,8 +232,12 @@ def dev_report_hook(config) -> Callable[..., None] | None:
     workdir = pathlib.Path(config.workdir)
     generators: dict[str, Generator] = {}  # one per run, so each shape compiles once across epochs
 
-    def after_epoch(*, epoch: int, state, model, tokenizer, mesh, writer=None, rules=None, **_) -> None:
+    def after_epoch(*, epoch: int, state, model, tokenizer, mesh, writer=None, rules=None, resumed: bool = False,
+                    **_) -> None:
+        """Answers the dev prompts after `epoch`; on resume (`resumed`) only if that epoch has no answers yet."""
         if epoch not in epochs:
+            return
+        if resumed and distributed.main_process_says(epoch_answers_path(workdir, epoch).exists()):
             return
         generator = generators.get("g")
         if generator is None:

@@ -278,9 +278,13 @@ def train(config: ml_collections.ConfigDict, after_epoch: Callable[..., None] | 
         step_fn = jax.jit(make_train_step(model, config, schedule, jax.random.key(config.seed + 1)),
                           in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
                           donate_argnums=0)
-        writer = MetricsWriter(workdir, total_steps)
+        writer = MetricsWriter(workdir, total_steps, resumed_at=int(state.step) if latest is not None else 0)
         last_metrics: dict = {}
         try:
+            if after_epoch is not None and latest is not None and position.batches_done == 0:
+                # Resumed at an epoch boundary: the previous run may have stopped inside this epoch's hook.
+                after_epoch(epoch=position.epoch - 1, state=state, model=model, tokenizer=tokenizer, mesh=mesh,
+                            writer=writer, rules=rules, resumed=True)
             for epoch in range(position.epoch, config.train.num_epochs + 1):
                 start = position.batches_done if epoch == position.epoch else 0
                 batches = data.epoch_batches(

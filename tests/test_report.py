@@ -57,6 +57,15 @@ def test_toy_run_writes_the_report_and_the_chosen_epoch_drives_generation(toy_co
 
     answers = report.load_epoch_answers(workdir)
     assert sorted(answers) == [1, 2]
+    # A run stopped inside epoch 2's report: restarting trains nothing more, writes the missing answers
+    # (identical: same parameters and seed) and leaves epoch 1's file alone.
+    epoch1_file, epoch2_file = report.epoch_answers_path(workdir, 1), report.epoch_answers_path(workdir, 2)
+    epoch1_before, epoch2_before = epoch1_file.read_bytes(), epoch2_file.read_bytes()
+    epoch1_mtime = epoch1_file.stat().st_mtime_ns
+    epoch2_file.unlink()
+    train(config, after_epoch=report.dev_report_hook(config))
+    assert epoch2_file.read_bytes() == epoch2_before
+    assert epoch1_file.read_bytes() == epoch1_before and epoch1_file.stat().st_mtime_ns == epoch1_mtime
     dev_prompts = generate.read_prompts(config.data.dev_path)
     for epoch, records in answers.items():
         assert [r["id"] for r in records] == [p.id for p in dev_prompts]

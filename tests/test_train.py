@@ -24,8 +24,10 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def read_metrics(workdir) -> dict[int, dict]:
-    """Last logged record per step (a step redone after a crash is logged twice)."""
+    """The record of each step; each step appears once, in order, even after a crash and resume."""
     records = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), f"metrics.jsonl steps repeat or go back: {steps}"
     return {r["step"]: r for r in records}
 
 
@@ -150,3 +152,19 @@ def test_init_from_is_checked_before_anything_is_compiled(toy_config, tmp_path):
     toy_config.init_from = str(tmp_path / "no_such_checkpoint")
     with pytest.raises(ConfigError, match="config.init_from=.*no_such_checkpoint"):
         setup(toy_config)
+
+
+def test_metrics_of_an_interrupted_run_after_the_resume_point_are_dropped(tmp_path):
+    from lima_jax.metrics import MetricsWriter
+    record = {"loss": 1.0, "learning_rate": 1e-5, "grad_norm": 1.0}
+    first = MetricsWriter(tmp_path, total_steps=10)
+    for step in range(1, 6):
+        first.write(step, {**record, "loss": float(step)})
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # killed while writing step 6; the latest checkpoint holds step 3
+    resumed = MetricsWriter(tmp_path, total_steps=10, resumed_at=3)
+    resumed.write(4, {**record, "loss": 40.0})
+    resumed.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path).values()] == [(1, 1.0), (2, 2.0), (3, 3.0),
+                                                                                  (4, 40.0)]
