@@ -44,7 +44,6 @@ import re
 import time
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
