@@ -1,9 +1,11 @@
 """lima_jax: the LIMA supervised fine-tuning recipe in JAX/Flax."""
+import re
+
 from setuptools import find_packages, setup
 
 setup(
     name="lima_jax",
-    version="0.1.0",
+    version=re.search(r'__version__ = "(.+)"', open("lima_jax/__init__.py", encoding="utf-8").read()).group(1),
     description="LIMA (Less Is More for Alignment) fine-tuning of LLaMA in JAX/Flax on TPU, GPU and CPU",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

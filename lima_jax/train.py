@@ -231,7 +231,8 @@ def setup(config: ml_collections.ConfigDict):
 
 def train(config: ml_collections.ConfigDict, after_epoch: Callable[..., None] | None = None) -> dict:
     """Runs (or resumes) training; returns the last logged metrics. `after_epoch(epoch, state, ...)` runs
-    after each epoch's checkpoint is written (e.g. the dev-set report)."""
+    after each epoch's checkpoint is written (e.g. the dev-set report), and with `resumed=True` for the
+    epoch a run resumes after, in case the interrupted run stopped inside the hook."""
     tokenizer, model_cfg, mesh, rules, report = setup(config)
     examples = report.examples
     workdir = pathlib.Path(config.workdir)
@@ -280,11 +281,16 @@ def train(config: ml_collections.ConfigDict, after_epoch: Callable[..., None] | 
                           donate_argnums=0)
         writer = MetricsWriter(workdir, total_steps, resumed_at=int(state.step) if latest is not None else 0)
         last_metrics: dict = {}
+
+        def epoch_done(epoch: int, resumed: bool = False) -> None:
+            if after_epoch is not None:
+                after_epoch(epoch=epoch, state=state, model=model, tokenizer=tokenizer, mesh=mesh, writer=writer,
+                            rules=rules, resumed=resumed)
+
         try:
-            if after_epoch is not None and latest is not None and position.batches_done == 0:
+            if latest is not None and position.batches_done == 0:
                 # Resumed at an epoch boundary: the previous run may have stopped inside this epoch's hook.
-                after_epoch(epoch=position.epoch - 1, state=state, model=model, tokenizer=tokenizer, mesh=mesh,
-                            writer=writer, rules=rules, resumed=True)
+                epoch_done(position.epoch - 1, resumed=True)
             for epoch in range(position.epoch, config.train.num_epochs + 1):
                 start = position.batches_done if epoch == position.epoch else 0
                 batches = data.epoch_batches(
@@ -315,9 +321,7 @@ def train(config: ml_collections.ConfigDict, after_epoch: Callable[..., None] | 
                                                        "model": dataclasses.asdict(model_cfg)})
                         if end_of_epoch:
                             logging.info("epoch %d done: checkpoint %s/%d", epoch, checkpoints.directory, step)
-                if after_epoch is not None:
-                    after_epoch(epoch=epoch, state=state, model=model, tokenizer=tokenizer, mesh=mesh,
-                                writer=writer, rules=rules)
+                epoch_done(epoch)
         finally:
             writer.close()
             checkpoints.close()
