@@ -23,7 +23,7 @@ import time
 import ml_dtypes
 import numpy as np
 
-from lima_jax import convert
+from lima_jax import conversion
 from lima_jax.config import ModelConfig
 
 # TinyLlama-1.1B: 22 layers, GQA 32/4 heads, LLaMA-2 tokenizer size.
@@ -37,7 +37,7 @@ def write_random_hf(folder: pathlib.Path, cfg: ModelConfig, shard_bytes: int) ->
     rng = np.random.default_rng(0)
     dtype = np.dtype(ml_dtypes.bfloat16)
     shards, size = [[]], 0
-    for name, shape, _ in convert.hf_tensors({}, cfg):
+    for name, shape, _ in conversion.hf_tensors({}, cfg):
         nbytes = math.prod(shape) * dtype.itemsize
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
@@ -47,13 +47,13 @@ def write_random_hf(folder: pathlib.Path, cfg: ModelConfig, shard_bytes: int) ->
     weight_map, total = {}, 0
     for k, shard in enumerate(shards):
         file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        convert.write_safetensors(folder / file, shard, lambda name: (
+        conversion.write_safetensors(folder / file, shard, lambda name: (
             rng.standard_normal(next(s for n, s, _ in shard if n == name), np.float32) * 0.02).astype(dtype))
         weight_map.update({name: file for name, _, _ in shard})
         total += sum(math.prod(s) * dtype.itemsize for _, s, _ in shard)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    (folder / "config.json").write_text(json.dumps(convert.model_to_hf_config(cfg, "bfloat16", 1, 2, None)))
+    (folder / "config.json").write_text(json.dumps(conversion.model_to_hf_config(cfg, "bfloat16", 1, 2, None)))
     return total
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/decode_speed.py [--config configs/toy.py] [--batch 4] [--new_tokens 128] [--runs 5]
 
-Both modes run the same jitted loop (`lima_jax.generate.decode`) with LIMA's sampling settings and the same
+Both modes run the same jitted loop (`lima_jax.generation.decode`) with LIMA's sampling settings and the same
 right-padded batch; without the cache every step recomputes the full forward pass over the whole buffer.
 EOT does not stop a row here, so every run decodes exactly batch x new_tokens tokens. Compilation is
 excluded (one warm-up run per mode).
@@ -36,7 +36,7 @@ def main() -> None:
 
     from lima_jax import sharding
     from lima_jax.config import load_config_file, model_config
-    from lima_jax.generate import Generator, SamplingConfig
+    from lima_jax.generation import Generator, SamplingConfig
     from lima_jax.model import Llama
     from lima_jax.tokenizer import Tokenizer
 

@@ -71,7 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.rules = ()  # extra (logical_axis, mesh_axes) rules that take precedence over the layout's
 
     # Per-epoch dev-set answers for choosing a checkpoint by hand (the paper looked at epochs 5 to 10).
-    c.eval = ml_collections.ConfigDict()
-    c.eval.dev_report_epochs = (5, 6, 7, 8, 9, 10)
-    c.eval.max_new_tokens = 2048
+    c.dev_report = ml_collections.ConfigDict()
+    c.dev_report.epochs = (5, 6, 7, 8, 9, 10)
+    c.dev_report.max_new_tokens = 2048
+    c.dev_report.batch_size = 8  # dev prompts answered per batch
     return c

@@ -28,6 +28,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 3e-3
     c.optimizer.end_learning_rate = 3e-4
     c.mesh.update(data=-1, fsdp=1, tensor=1, layout="data")
-    c.eval.dev_report_epochs = (5, 10, 15)
-    c.eval.max_new_tokens = 48
+    c.dev_report.epochs = (5, 10, 15)
+    c.dev_report.max_new_tokens = 48
     return c

@@ -16,34 +16,43 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
-import pathlib
-import shutil
 from typing import Any, Iterable
 
 import jax
-from absl import logging
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from lima_jax.config import ConfigError, ModelConfig
+from lima_jax.config import ModelConfig
+from lima_jax.errors import CheckpointError, ConfigError
+from lima_jax.paths import PathLike, as_path
+
+PARAMS_DIR = "params"
+MODEL_FILE = "model.json"
 
 
-def _abspath(path: str | pathlib.Path) -> str:
-    path = str(path)
-    return path if "://" in path else str(pathlib.Path(path).resolve())
-
-
-def has_train_checkpoints(directory: str | pathlib.Path) -> bool:
+def has_train_checkpoints(directory: PathLike) -> bool:
     """Whether `directory` holds a finished training checkpoint (orbax's temporary folders don't count)."""
-    directory = pathlib.Path(directory)
+    directory = as_path(directory)
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def is_params_checkpoint(folder: PathLike) -> bool:
+    """A parameter checkpoint: `model.json` + `params/` (what `lima_jax.convert` writes)."""
+    return (as_path(folder) / MODEL_FILE).is_file()
+
+
+def is_train_step_folder(folder: PathLike) -> bool:
+    """One training checkpoint: `state/` + `meta/`."""
+    folder = as_path(folder)
+    return (folder / "state").is_dir() and (folder / "meta").is_dir()
 
 
 class TrainCheckpoints:
     """Per-epoch (and optionally periodic) training checkpoints under `directory`, none ever deleted."""
 
-    def __init__(self, directory: str | pathlib.Path):
-        self.directory = _abspath(directory)
+    def __init__(self, directory: PathLike):
+        self.directory = as_path(directory)
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True),
             item_names=("state", "meta"))
@@ -73,43 +82,56 @@ class TrainCheckpoints:
         self.manager.close()
 
 
-def save_params(directory: str | pathlib.Path, params: Any, model: ModelConfig, extra: dict | None = None) -> None:
+def save_params(directory: PathLike, params: Any, model: ModelConfig, extra: dict | None = None) -> None:
     """Writes `params/` and `model.json` (plus `extra` metadata) into `directory`."""
-    directory = pathlib.Path(_abspath(directory))
+    directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / "params", params, force=True)
+        ckptr.save(directory / PARAMS_DIR, params, force=True)
     meta = {"model": dataclasses.asdict(model), **(extra or {})}
     if jax.process_index() == 0:
-        (directory / "model.json").write_text(json.dumps(meta, indent=2))
+        (directory / MODEL_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def read_params_meta(directory: str | pathlib.Path) -> dict:
-    path = pathlib.Path(directory) / "model.json"
+def read_params_meta(directory: PathLike) -> dict:
+    path = as_path(directory) / MODEL_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a lima_jax parameter checkpoint (no model.json)")
-    return json.loads(path.read_text())
+        raise CheckpointError(f"{path}: not a lima_jax parameter checkpoint (no model.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def save_params_incrementally(directory: str | pathlib.Path, parts: Iterable[dict], model: ModelConfig,
+def read_train_meta(step_dir: PathLike) -> dict:
+    """The JSON `meta` item of one training checkpoint (epoch, position, model config)."""
+    step_dir = as_path(step_dir)
+    try:
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+            return ckptr.restore(step_dir / "meta")
+    except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{step_dir}/meta: unreadable training checkpoint metadata ({e})") from None
+
+
+def save_params_incrementally(directory: PathLike, parts: Iterable[dict], model: ModelConfig,
                               extra: dict | None = None) -> None:
     """Like `save_params`, but from disjoint sub-trees written one after another (each can be freed once
     written): peak memory is the largest part. Single-process (conversion) use."""
     from orbax.checkpoint.experimental.v1 import partial
-    directory = pathlib.Path(_abspath(directory))
+    directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / "params"
-    (directory / "model.json").unlink(missing_ok=True)  # written last: its presence means complete
+    target = directory / PARAMS_DIR
+    (directory / MODEL_FILE).unlink(missing_ok=True)  # written last: its presence means complete
     for stale in (target, *directory.glob("params.partial_save*")):  # incl. an interrupted earlier session
         if stale.exists():
-            shutil.rmtree(stale)
+            stale.rmtree()
     for part in parts:
         partial.save(target, part)
         del part  # before the next part is built
         _return_freed_memory()
     partial.finalize(target)
     meta = {"model": dataclasses.asdict(model), **(extra or {})}
-    (directory / "model.json").write_text(json.dumps(meta, indent=2))
+    (directory / MODEL_FILE).write_text(json.dumps(meta, indent=2))
 
 
 def _return_freed_memory() -> None:
@@ -122,13 +144,13 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _tree_dir(directory: str | pathlib.Path) -> pathlib.Path:
+def _tree_dir(directory: PathLike) -> epath.Path:
     """`params/`, or `params/state/` when it was written by `save_params_incrementally`."""
-    path = pathlib.Path(_abspath(directory)) / "params"
+    path = as_path(directory) / PARAMS_DIR
     return path / "state" if (path / "state" / "_METADATA").is_file() else path
 
 
-def restore_params(directory: str | pathlib.Path, abstract_params: Any = None) -> Any:
+def restore_params(directory: PathLike, abstract_params: Any = None) -> Any:
     """Reads `params/`; with `abstract_params` (ShapeDtypeStructs with shardings) straight onto the mesh,
     cast to their dtypes. Without, as stored (numpy arrays)."""
     with ocp.StandardCheckpointer() as ckptr:
@@ -136,14 +158,13 @@ def restore_params(directory: str | pathlib.Path, abstract_params: Any = None) -
         return ckptr.restore(path, abstract_params) if abstract_params is not None else ckptr.restore(path)
 
 
-def restore_train_params(step_dir: str | pathlib.Path, abstract_params: Any = None) -> tuple[Any, ModelConfig]:
+def restore_train_params(step_dir: PathLike, abstract_params: Any = None) -> tuple[Any, ModelConfig]:
     """(params, ModelConfig) of one `TrainCheckpoints` step folder; the optimizer state is never read.
 
     With `abstract_params` (ShapeDtypeStructs with shardings) the parameters go straight onto the mesh,
     cast to their dtypes; without, they come back as numpy arrays."""
-    step_dir = pathlib.Path(_abspath(step_dir))
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-        meta = ckptr.restore(step_dir / "meta")
+    step_dir = as_path(step_dir)
+    meta = read_train_meta(step_dir)
     with ocp.PyTreeCheckpointer() as ckptr:
         if abstract_params is None:
             tree = ckptr.metadata(step_dir / "state").item_metadata.tree["params"]
@@ -158,54 +179,10 @@ def restore_train_params(step_dir: str | pathlib.Path, abstract_params: Any = No
     return restored["params"], ModelConfig(**meta["model"])
 
 
-def resolve_checkpoint(path: str | pathlib.Path) -> tuple[str, pathlib.Path]:
-    """("params" | "train", folder) for a parameter checkpoint (model.json), a training checkpoint step
-    folder (state/), or a training workdir: its chosen epoch (`lima_jax.report choose`), else the latest."""
-    from lima_jax import report
-    path = pathlib.Path(path)
-    if (path / "model.json").is_file():
-        return "params", path
-    if (path / "state").is_dir() and (path / "meta").is_dir():
-        return "train", path
-    if (path / "checkpoints").is_dir():
-        chosen = report.chosen_checkpoint(path)
-        if chosen is not None:
-            return "train", chosen
-        manager = TrainCheckpoints(path / "checkpoints")
-        try:
-            latest = manager.latest_step()
-        finally:
-            manager.close()
-        if latest is not None:
-            logging.info("%s: no epoch chosen (python -m lima_jax.report choose); using the latest checkpoint %d",
-                         path, latest)
-            return "train", path / "checkpoints" / str(latest)
-    raise FileNotFoundError(f"{path}: not a training workdir (checkpoints/), a training checkpoint step folder "
-                            "(state/ + meta/) or a parameter checkpoint (model.json + params/)")
-
-
-def load_checkpoint_params(path: str | pathlib.Path, abstract_params: Any = None) -> tuple[Any, ModelConfig]:
-    """(params, ModelConfig) of anything `resolve_checkpoint` accepts; see `restore_train_params` for
-    `abstract_params`."""
-    kind, folder = resolve_checkpoint(path)
-    if kind == "train":
-        return restore_train_params(folder, abstract_params)
-    return restore_params(folder, abstract_params), ModelConfig(**read_params_meta(folder)["model"])
-
-
 # Fields that change what the network computes; a mismatch would load fine and silently compute another
 # function (vocab_size is checked separately: a pretrained model may lack the EOT row).
 ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "tie_embeddings", "rope_theta",
                        "norm_eps")
-
-
-def stored_model_config(path: str | pathlib.Path) -> dict:
-    """The model config saved with anything `resolve_checkpoint` accepts, read without loading weights."""
-    kind, folder = resolve_checkpoint(path)
-    if kind == "params":
-        return read_params_meta(folder)["model"]
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-        return ckptr.restore(pathlib.Path(_abspath(folder)) / "meta")["model"]
 
 
 def check_model_matches(stored: dict, model: ModelConfig, where: str, allow_smaller_vocab: bool = False) -> None:

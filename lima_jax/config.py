@@ -7,21 +7,22 @@ into the typed `ModelConfig` the model reads. Validation runs before anything is
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
+import json
 import pathlib
-from typing import Any
+from typing import Any, Sequence
 
 import ml_collections
+
+from lima_jax.errors import ConfigError
+from lima_jax.paths import PathLike, as_path
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 LOSS_ON = ("assistant", "all")
 ON_BAD_EXAMPLE = ("error", "skip")
-
-
-class ConfigError(ValueError):
-    """A config value is missing or illegal; the message names the config file and the field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,17 +69,44 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         compute_dtype=m.compute_dtype, remat_policy=m.remat_policy)
 
 
-def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """Loads `get_config()` from a config file by path (what `config_flags` does for `--config`)."""
-    path = pathlib.Path(path)
+def load_config_file(path: PathLike) -> ml_collections.ConfigDict:
+    """The config of a `configs/*.py` file (its `get_config()`) or of a run's `config.json`."""
+    text = str(path)
+    if text.endswith(".json"):
+        return _load_json_config(path)
+    path = pathlib.Path(text)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     spec = importlib.util.spec_from_file_location(f"lima_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: a config file must define get_config() returning an ml_collections.ConfigDict")
     config = module.get_config()
     config.source_file = str(path.resolve())
     return config
+
+
+def _load_json_config(path: PathLike) -> ml_collections.ConfigDict:
+    """A run's `config.json` (written by training) as a ConfigDict; lists become tuples, as in the .py files."""
+    path = as_path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a JSON config ({e})") from None
+    config = ml_collections.ConfigDict(_lists_to_tuples(values))
+    config.source_file = str(path)
+    return config
+
+
+def _lists_to_tuples(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _lists_to_tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_lists_to_tuples(v) for v in value)
+    return value
 
 
 def load_sibling(this_file: str, name: str) -> ml_collections.ConfigDict:
@@ -86,17 +114,56 @@ def load_sibling(this_file: str, name: str) -> ml_collections.ConfigDict:
     return load_config_file(pathlib.Path(this_file).resolve().parent / name)
 
 
-def config_from_flag(holder, argv: list[str]) -> ml_collections.ConfigDict:
-    """The ConfigDict of a `config_flags.DEFINE_config_file` flag, with `source_file` set for error messages;
-    raises absl's UsageError when the flag is missing or stray arguments are given."""
-    from absl import app, flags
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = holder.value
-    if config is None:
-        raise app.UsageError(f"--{holder.name} is required, e.g. --{holder.name} configs/toy.py")
-    config.source_file = flags.FLAGS[holder.name].config_filename
-    return config
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> None:
+    """Sets each (dotted field, text) of `--config.a.b=text`, parsed as the field's current type; a field the
+    config lacks, or a value that does not parse, raises ConfigError naming the flag and the config file."""
+    for field, text in overrides:
+        flag = f"--config.{field}={text}"
+        *parents, leaf = field.split(".")
+        node: Any = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise ConfigError(f"{flag}: {_where(config)} has no field {field!r}")
+        try:
+            value = _parse_like(node[leaf], text)
+        except ValueError as e:
+            raise ConfigError(f"{flag}: {e}") from None
+        with node.ignore_type():
+            node[leaf] = value
+
+
+def _parse_like(current: Any, text: str) -> Any:
+    """`text` as a value of `current`'s type (bool, int, float, str, tuple, None: a Python literal)."""
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    if isinstance(current, str):
+        return text
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text
+        raise ValueError(f"expected a Python literal like (5, 10), got {text!r}") from None
+    if isinstance(current, (tuple, list)):
+        if not isinstance(value, (tuple, list)):
+            value = (value,)
+        return tuple(value)
+    return value
 
 
 def _where(config: ml_collections.ConfigDict) -> str:
@@ -116,11 +183,12 @@ def _lookup(config: ml_collections.ConfigDict, field: str) -> Any:
     return node
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the config file and field for the first illegal value."""
-    for field in ("workdir", "model", "data", "train", "optimizer", "mesh", "tokenizer"):
+def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
+    """Raises ConfigError naming the config file and field for the first illegal value. With `paths=False`
+    the workdir, training-data and tokenizer paths may be empty (tools that compile or generate only)."""
+    for field in ("workdir", "model", "data", "train", "optimizer", "mesh", "tokenizer", "dev_report"):
         _check(config, field in config, field, "missing field")
-    _check(config, bool(config.workdir), "workdir", "set an output folder, e.g. --config.workdir=/tmp/run")
+    _check(config, bool(config.workdir) or not paths, "workdir", "set an output folder, e.g. --config.workdir=/tmp/run")
     m = config.model
     for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
         _check(config, isinstance(m[field], int) and m[field] > 0, f"model.{field}", "must be a positive int")
@@ -133,7 +201,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config, m.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
     _check(config, m.remat_policy in REMAT_POLICIES, "model.remat_policy", f"must be one of {REMAT_POLICIES}")
     d = config.data
-    _check(config, bool(d.train_path), "data.train_path", "set the training JSONL file")
+    _check(config, bool(d.train_path) or not paths, "data.train_path", "set the training JSONL file")
     _check(config, d.max_len > 1, "data.max_len", "must be > 1")
     _check(config, d.max_len <= m.max_seq_len, "data.max_len", f"exceeds model.max_seq_len={m.max_seq_len}")
     _check(config, d.loss_on in LOSS_ON, "data.loss_on", f"must be one of {LOSS_ON}")
@@ -154,4 +222,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config, o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     _check(config, o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     _check(config, o.grad_clip_norm >= 0, "optimizer.grad_clip_norm", "must be >= 0 (0: off)")
-    _check(config, bool(config.tokenizer.path), "tokenizer.path", "set the sentencepiece .model file")
+    _check(config, bool(config.tokenizer.path) or not paths, "tokenizer.path", "set the sentencepiece .model file")

@@ -4,7 +4,8 @@ Every host of a pod slice runs the same `python -m lima_jax.train ...`. `initial
 
 * Cloud TPU (several workers), SLURM, Open MPI: `jax.distributed.initialize()` finds the coordinator,
   process count and id by itself.
-* Anywhere else: `--coordinator_address=host:port --num_processes=N --process_id=i`, or the environment
+* Anywhere else: `--coordinator_address=host:port --num_processes=N --process_id=i` (the flags of
+  `lima_jax.cli.add_distributed_flags`), or the environment
   variables LIMA_COORDINATOR_ADDRESS / LIMA_NUM_PROCESSES / LIMA_PROCESS_ID.
 * A single process: nothing to do.
 
@@ -21,24 +22,12 @@ import time
 
 import jax
 import numpy as np
-from absl import flags, logging
+from absl import logging
 
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 for a multi-host run outside Cloud TPU/SLURM "
-    "(env LIMA_COORDINATOR_ADDRESS).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (env LIMA_NUM_PROCESSES).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0-based (env LIMA_PROCESS_ID).")
-_INIT_TIMEOUT = flags.DEFINE_integer("distributed_timeout_s", 300,
-                                     "Seconds to wait for all processes to connect, and at each barrier.")
-_CPU_COLLECTIVES = flags.DEFINE_string(
-    "cpu_collectives", None, "CPU collectives for multi-process CPU runs (e.g. 'gloo'; env LIMA_CPU_COLLECTIVES).")
-
-
-class DistributedError(RuntimeError):
-    """A multi-host step (connection, barrier) did not complete in time."""
-
+from lima_jax.errors import DistributedError
 
 _barrier_ids = itertools.count()
+_barrier_timeout_s = 300  # set by initialize()
 
 
 def _on_cloud_tpu_vm() -> bool:
@@ -59,7 +48,10 @@ def _auto_detected_cluster() -> bool:
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, timeout_s: int = 300, cpu_collectives: str | None = None) -> None:
-    """Connects this process to the others (see the module docstring); a no-op for a single process."""
+    """Connects this process to the others (see the module docstring); a no-op for a single process.
+    `timeout_s` also becomes the default timeout of every `barrier`."""
+    global _barrier_timeout_s
+    _barrier_timeout_s = int(timeout_s)
     coordinator_address = coordinator_address or os.environ.get("LIMA_COORDINATOR_ADDRESS") or None
     if num_processes is None and os.environ.get("LIMA_NUM_PROCESSES"):
         num_processes = int(os.environ["LIMA_NUM_PROCESSES"])
@@ -115,14 +107,8 @@ def _wait_for_coordinator(address: str, timeout_s: float, process_id: int, num_p
             time.sleep(0.5)
 
 
-def initialize_from_flags() -> None:
-    """`initialize()` with this module's absl flags (for `main()` of the command-line tools)."""
-    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _INIT_TIMEOUT.value,
-               _CPU_COLLECTIVES.value)
-
-
 def barrier_timeout_s() -> int:
-    return _INIT_TIMEOUT.value if flags.FLAGS.is_parsed() else _INIT_TIMEOUT.default
+    return _barrier_timeout_s
 
 
 def barrier(name: str, timeout_s: int | None = None) -> None:

@@ -5,24 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 import time
 
 import jax
 from absl import logging
+from etils import epath
 
-from lima_jax.fileio import atomic_write_text
-
-
-def quiet_library_logs() -> None:
-    """Keeps orbax's per-save INFO chatter out of the console (its warnings and errors still show)."""
-    import logging as std_logging
-
-    class _DropLibraryInfo(std_logging.Filter):
-        def filter(self, record: std_logging.LogRecord) -> bool:
-            return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-    logging.get_absl_handler().addFilter(_DropLibraryInfo())
+from lima_jax.paths import atomic_write_text
+from lima_jax.rundir import RunDir
 
 
 class MetricsWriter:
@@ -33,7 +23,7 @@ class MetricsWriter:
     current state, with no step twice.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, total_steps: int, resumed_at: int = 0):
+    def __init__(self, run: RunDir, total_steps: int, resumed_at: int = 0):
         self.enabled = jax.process_index() == 0
         self.total_steps = total_steps
         self.start_time = time.time()
@@ -41,14 +31,13 @@ class MetricsWriter:
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
-        workdir = pathlib.Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        path = workdir / "metrics.jsonl"
+        run.root.mkdir(parents=True, exist_ok=True)
+        path = run.metrics
         dropped = _drop_records_after(path, resumed_at)
         if dropped:
             logging.info("%s: dropped %d records after step %d, logged by the interrupted run", path, dropped,
                          resumed_at)
-        self.tensorboard = SummaryWriter(logdir=str(workdir / "tensorboard"), purge_step=resumed_at + 1)
+        self.tensorboard = SummaryWriter(logdir=str(run.tensorboard), purge_step=resumed_at + 1)
         self.jsonl = path.open("a", encoding="utf-8")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -84,7 +73,7 @@ class MetricsWriter:
             self.jsonl.close()
 
 
-def _drop_records_after(path: pathlib.Path, step: int) -> int:
+def _drop_records_after(path: epath.Path, step: int) -> int:
     """Rewrites `path` (atomically) without the records whose step is after `step`; how many went."""
     if not path.exists():
         return 0

@@ -10,18 +10,21 @@ never tokenize a prompt differently:
 Each utterance is encoded on its own (never a string template that is re-split), and every assistant
 token including its EOT is a training target, so the model learns to stop.
 
-CLI: `python -m lima_jax.tokenizer train --input data/toy_lima.jsonl --output data/toy_tokenizer.model`
-builds the toy tokenizer that ships with the repo.
+The model file may be local or a gs:// URL (read through `lima_jax.paths`). The command line lives in the
+data entry point: `python -m lima_jax.data tokenizer train --input data/toy_lima.jsonl --output
+data/toy_tokenizer.model` builds the toy tokenizer that ships with the repo, and `python -m lima_jax.data
+tokenizer encode --tokenizer data/toy_tokenizer.model '["Hi", "Hello!"]'` shows how turns are tokenized.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
-import json
-import pathlib
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
+
+from lima_jax.errors import ConfigError
+from lima_jax.paths import PathLike, as_path
 
 EOT_PIECE = "<eot>"
 
@@ -35,21 +38,23 @@ class EncodedDialog:
 class Tokenizer:
     """A sentencepiece model plus the EOT id appended after its vocabulary."""
 
-    def __init__(self, model_path: str | pathlib.Path):
-        path = pathlib.Path(model_path)
+    def __init__(self, model_path: PathLike, setting: str = "config.tokenizer.path"):
+        """`setting` names where the path came from, for the error message (e.g. a flag)."""
+        path = as_path(model_path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: sentencepiece model not found (config.tokenizer.path)")
+            raise ConfigError(f"{path}: sentencepiece model not found ({setting})")
         self.path = path
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+            # The bytes go through epath, so a gs:// model loads like a local one.
+            self.sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{path}: not a sentencepiece model ({e}); LLaMA-3's tiktoken tokenizer is not "
-                             "supported yet (docs/model.md)") from None
+            raise ConfigError(f"{path}: not a sentencepiece model ({e}); LLaMA-3's tiktoken tokenizer is not "
+                              "supported yet (docs/model.md)") from None
         self.eot_id = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         if self.bos_id < 0:
-            raise ValueError(f"{path}: the sentencepiece model has no BOS id")
+            raise ConfigError(f"{path}: the sentencepiece model has no BOS id")
 
     @property
     def vocab_size(self) -> int:
@@ -64,6 +69,10 @@ class Tokenizer:
         special = {self.eot_id, self.bos_id, self.eos_id}
         return self.sp.decode([int(i) for i in ids if int(i) not in special and 0 <= int(i) < self.eot_id])
 
+    def id_to_piece(self, token: int) -> str:
+        """The piece of one id as text: `<eot>` for EOT, else sentencepiece's own piece."""
+        return EOT_PIECE if int(token) == self.eot_id else self.sp.id_to_piece(int(token))
+
     def encode_dialog(self, turns: Sequence[str]) -> EncodedDialog:
         """Turns alternate user, assistant, user, ...; each is followed by EOT. See the module docstring."""
         ids, mask = [self.bos_id], [False]
@@ -74,44 +83,14 @@ class Tokenizer:
         return EncodedDialog(ids, mask)
 
 
-def train_sentencepiece(texts: Iterable[str], output: str | pathlib.Path, vocab_size: int) -> None:
-    """Trains a byte-fallback BPE sentencepiece model (LLaMA's special ids: unk 0, bos 1, eos 2)."""
+def train_sentencepiece(texts: Iterable[str], output: PathLike, vocab_size: int) -> None:
+    """Trains a byte-fallback BPE sentencepiece model (LLaMA's special ids: unk 0, bos 1, eos 2) and writes
+    it to `output` (a local path or a gs:// URL)."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
         num_threads=1, split_digits=True, minloglevel=2)
-    pathlib.Path(output).write_bytes(model.getvalue())
-
-
-def _texts_of_jsonl(path: pathlib.Path) -> list[str]:
-    from lima_jax.data.formats import read_conversations
-    return [turn for conv in read_conversations(path) for turn in conv.turns]
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m lima_jax.tokenizer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a small sentencepiece model on a conversation JSONL")
-    train.add_argument("--input", required=True, type=pathlib.Path)
-    train.add_argument("--output", required=True, type=pathlib.Path)
-    train.add_argument("--vocab_size", type=int, default=512)
-    encode = sub.add_parser("encode", help="show how a conversation (JSON list of turns) is tokenized")
-    encode.add_argument("--tokenizer", required=True, type=pathlib.Path)
-    encode.add_argument("turns", help='JSON list, e.g. \'["Hi", "Hello!"]\'')
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        train_sentencepiece(_texts_of_jsonl(args.input), args.output, args.vocab_size)
-        print(f"wrote {args.output} (vocab {args.vocab_size} + EOT)")
-    else:
-        tok = Tokenizer(args.tokenizer)
-        dialog = tok.encode_dialog(json.loads(args.turns))
-        for token, is_target in zip(dialog.ids, dialog.assistant_mask):
-            piece = EOT_PIECE if token == tok.eot_id else tok.sp.id_to_piece(token)
-            print(f"{token:>7} {'T' if is_target else '.'} {piece}")
-
-
-if __name__ == "__main__":
-    main()
+    output = as_path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_bytes(model.getvalue())

@@ -36,7 +36,7 @@ def test_lima_65b_is_the_papers_recipe():
     assert (c.train.batch_size, c.train.num_epochs, c.data.max_len) == (32, 15, 2048)
     assert c.model.residual_dropout_max == 0.3
     assert c.data.loss_on == "assistant"
-    assert tuple(c.eval.dev_report_epochs) == (5, 6, 7, 8, 9, 10)
+    assert tuple(c.dev_report.epochs) == (5, 6, 7, 8, 9, 10)
 
 
 @pytest.mark.parametrize("name,params_b", [("lima_7b.py", 6.7), ("lima_13b.py", 13.0), ("lima_33b.py", 32.5),

@@ -1,4 +1,4 @@
-"""lima_jax.convert: Hugging Face and Meta imports against references, export back, format errors.
+"""lima_jax.conversion / lima_jax.convert: Hugging Face and Meta imports against references, export back, format errors.
 
 Parity tolerance: float32 logits of order 1-10 agree within 1e-4 absolute (observed differences are ~1e-6,
 the rounding of different summation orders); a wrong RoPE layout or transpose gives differences of order 1.
@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import pathlib
+import os
 import re
 import struct
+import subprocess
+import sys
 
 import jax
 import ml_dtypes
@@ -16,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lima_jax import checkpoint, convert
+from lima_jax import checkpoint, conversion, convert, rundir
 from lima_jax.config import ModelConfig
+from lima_jax.errors import CheckpointError, ConversionError
 from lima_jax.model import Llama
 
 LOGIT_TOL = 1e-4
@@ -83,8 +87,8 @@ def _old_style(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
 def test_hf_config_forms_agree(hf_model, tmp_path):
     _, folder = hf_model
     assert (folder / "model.safetensors.index.json").is_file()  # the fixture really is sharded
-    new = convert.HuggingFaceSource(folder)
-    old = convert.HuggingFaceSource(_old_style(folder, tmp_path / "old"))
+    new = conversion.HuggingFaceSource(folder)
+    old = conversion.HuggingFaceSource(_old_style(folder, tmp_path / "old"))
     assert new.config == old.config
     assert (new.config.rope_theta, new.config.n_kv_heads, new.config.param_dtype) == (500000.0, 2, "float32")
 
@@ -94,7 +98,7 @@ def test_hf_import_logits_match_transformers(hf_model, tmp_path, form):
     model, folder = hf_model
     if form == "single_v4_config":
         folder = _old_style(folder, tmp_path / "old")
-    convert.import_checkpoint(convert.HuggingFaceSource(folder), tmp_path / "lima")
+    conversion.import_checkpoint(conversion.HuggingFaceSource(folder), tmp_path / "lima")
     ours, ref = lima_logits(tmp_path / "lima", TOKENS), torch_logits(model, TOKENS)
     diff = float(np.max(np.abs(ours - ref)))
     print(f"\nHF({form}) -> lima_jax: max |logit diff| = {diff:.2e} (tolerance {LOGIT_TOL}, logit scale "
@@ -139,7 +143,7 @@ def test_hf_round_trip_is_exact(hf_model, exported):
     assert sorted(a) == sorted(b)
     for name in a:
         assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
-    assert convert.HuggingFaceSource(original).config == convert.HuggingFaceSource(hf).config
+    assert conversion.HuggingFaceSource(original).config == conversion.HuggingFaceSource(hf).config
 
 
 def test_export_tokenizer_and_stop_token(exported):
@@ -175,7 +179,7 @@ def test_exported_model_stops_at_eot(exported, tmp_path):
     params["lm_head"][:] = 0.0
     params["lm_head"][:, 512] = 1.0
     checkpoint.save_params(tmp_path / "lima", params, cfg)
-    convert.export_hf(tmp_path / "lima", TOY_TOKENIZER, tmp_path / "hf")
+    conversion.export_hf(tmp_path / "lima", TOY_TOKENIZER, tmp_path / "hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
     prompt = torch.tensor([[1, 5, 6]])
     out = model.generate(prompt, max_new_tokens=10, do_sample=False)
@@ -296,14 +300,14 @@ def test_meta_two_shards_merge_to_unsplit_and_reference(meta_weights, tmp_path):
 def test_meta_rope_layout_matters(meta_weights, tmp_path):
     """Guards the test above: importing Meta weights as if already rotate-half gives far different logits."""
     pytest.importorskip("torch", reason="torch is in the 'parity' extra (reads .pth shards)")
-    source = convert.MetaSource(_write_meta(tmp_path / "meta", meta_weights, 1))
+    source = conversion.MetaSource(_write_meta(tmp_path / "meta", meta_weights, 1))
     source.rope_layout = "halves"  # skip the interleaved -> halves permutation
-    convert.import_checkpoint(source, tmp_path / "lima", "float32")
+    conversion.import_checkpoint(source, tmp_path / "lima", "float32")
     tokens = np.random.default_rng(2).integers(0, META["vocab_size"], size=(1, 16))
     reference = meta_reference_logits(meta_weights, META, tokens)
     assert np.max(np.abs(lima_logits(tmp_path / "lima", tokens) - reference)) > 0.1
     q = meta_weights["layers.0.attention.wq.weight"].T.reshape(64, 4, 16)
-    np.testing.assert_array_equal(convert.halves_to_interleaved(convert.interleaved_to_halves(q)), q)
+    np.testing.assert_array_equal(conversion.halves_to_interleaved(conversion.interleaved_to_halves(q)), q)
 
 
 def test_meta_missing_shard_tensor_is_named(meta_weights, tmp_path):
@@ -312,11 +316,11 @@ def test_meta_missing_shard_tensor_is_named(meta_weights, tmp_path):
     shard = torch.load(src / "consolidated.01.pth", weights_only=True)
     del shard["layers.1.feed_forward.w2.weight"]
     torch.save(shard, src / "consolidated.01.pth")
-    with pytest.raises(convert.ConversionError, match=r"consolidated.01.pth: tensor layers.1.feed_forward.w2"):
-        convert.import_checkpoint(convert.MetaSource(src), tmp_path / "out")
+    with pytest.raises(ConversionError, match=r"consolidated.01.pth: tensor layers.1.feed_forward.w2"):
+        conversion.import_checkpoint(conversion.MetaSource(src), tmp_path / "out")
     (src / "consolidated.01.pth").rename(src / "consolidated.03.pth")
-    with pytest.raises(convert.ConversionError, match=r"consolidated.00.pth .. 01"):
-        convert.MetaSource(src)
+    with pytest.raises(ConversionError, match=r"consolidated.00.pth .. 01"):
+        conversion.MetaSource(src)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -336,9 +340,9 @@ def test_meta_unsupported_params_refused_before_any_tensor(meta_weights, tmp_pat
     def no_tensor_reads(*args, **kwargs):
         raise AssertionError("a shard was opened before params.json was validated")
     monkeypatch.setattr(torch, "load", no_tensor_reads)
-    with pytest.raises(convert.ConversionError, match=re.escape(f"{src / 'params.json'}: ")):
-        convert.MetaSource(src)
-    with pytest.raises(convert.ConversionError, match=message):
+    with pytest.raises(ConversionError, match=re.escape(f"{src / 'params.json'}: ")):
+        conversion.MetaSource(src)
+    with pytest.raises(ConversionError, match=message):
         convert.main(["from_meta", "--input", str(src), "--output", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
@@ -350,7 +354,7 @@ def test_meta_harmless_params_accepted(meta_weights, tmp_path):
     extra = {"use_scaled_rope": False, "max_seq_len": 64, "max_batch_size": 4, "ffn_dim_multiplier": None,
              "vision_chunk_size": None}
     (src / "params.json").write_text(json.dumps({**META, **extra}))
-    cfg = convert.MetaSource(src).config
+    cfg = conversion.MetaSource(src).config
     assert (cfg.max_seq_len, cfg.hidden_dim) == (64, _meta_hidden(64, 32))
 
 
@@ -362,7 +366,7 @@ def test_meta_harmless_params_accepted(meta_weights, tmp_path):
 ])
 def test_meta_hidden_dim_honours_ffn_dim_multiplier(params, intermediate_size):
     """Meta's FeedForward size rule gives the intermediate_size of the released models."""
-    assert convert._meta_hidden_dim(params) == intermediate_size
+    assert conversion.meta_hidden_dim(params) == intermediate_size
 
 
 # ------------------------------------------------------------------------------- output folders
@@ -399,7 +403,7 @@ def test_export_over_earlier_export_needs_overwrite_and_leaves_no_stale_file(exp
     before = _snapshot(hf)
     sharded = ["to_hf", "--input", str(other_lima), "--tokenizer", str(TOY_TOKENIZER), "--output", str(hf),
                "--max_shard_gb", "0.0001"]
-    with pytest.raises(convert.ConversionError, match=r"/hf: exists and is not empty: pass --overwrite"):
+    with pytest.raises(ConversionError, match=r"/hf: exists and is not empty: pass --overwrite"):
         convert.main(sharded)
     assert _snapshot(hf) == before and _siblings(hf) == ["hf"]
 
@@ -417,7 +421,7 @@ def _crashing_writer(monkeypatch):
     def write(path, tensors, produce):
         pathlib.Path(path).write_bytes(b"\0" * 100)
         raise OSError("No space left on device (simulated)")
-    monkeypatch.setattr(convert, "write_safetensors", write)
+    monkeypatch.setattr(conversion.hf_writer, "write_safetensors", write)
 
 
 def test_export_failing_midway_leaves_output_as_it_was(exported, other_lima, tmp_path, monkeypatch):
@@ -428,15 +432,15 @@ def test_export_failing_midway_leaves_output_as_it_was(exported, other_lima, tmp
     with monkeypatch.context() as m:
         _crashing_writer(m)
         with pytest.raises(OSError, match="simulated"):
-            convert.export_hf(lima, TOY_TOKENIZER, hf)
+            conversion.export_hf(lima, TOY_TOKENIZER, hf)
     assert _siblings(hf) == []  # no output (not even an empty folder), no temporary folder
 
-    convert.export_hf(lima, TOY_TOKENIZER, hf)
+    conversion.export_hf(lima, TOY_TOKENIZER, hf)
     before = _snapshot(hf)
     with monkeypatch.context() as m:
         _crashing_writer(m)
         with pytest.raises(OSError, match="simulated"):
-            convert.export_hf(other_lima, TOY_TOKENIZER, hf, overwrite=True)
+            conversion.export_hf(other_lima, TOY_TOKENIZER, hf, overwrite=True)
     assert _snapshot(hf) == before and _siblings(hf) == ["hf"]
 
 
@@ -445,7 +449,7 @@ def test_import_into_existing_checkpoint_needs_overwrite(tmp_path, monkeypatch):
     out = tmp_path / "lima"
     convert.main(["from_hf", "--input", str(src), "--output", str(out)])
     before = _snapshot(out)
-    with pytest.raises(convert.ConversionError, match=r"/lima: exists and is not empty: pass --overwrite"):
+    with pytest.raises(ConversionError, match=r"/lima: exists and is not empty: pass --overwrite"):
         convert.main(["from_hf", "--input", str(src), "--output", str(out), "--dtype", "bfloat16"])
     assert _snapshot(out) == before
 
@@ -455,9 +459,9 @@ def test_import_into_existing_checkpoint_needs_overwrite(tmp_path, monkeypatch):
         calls.append(name)
         if len(calls) > 4:
             raise OSError("read error (simulated)")
-        return convert._read_entry(self.entries[name])
+        return conversion.read_tensor(self.entries[name])
     with monkeypatch.context() as m:
-        m.setattr(convert.HuggingFaceSource, "read", failing_read)
+        m.setattr(conversion.HuggingFaceSource, "read", failing_read)
         with pytest.raises(OSError, match="simulated"):
             convert.main(["from_hf", "--input", str(src), "--output", str(out), "--overwrite"])
     assert len(calls) == 5 and _snapshot(out) == before and _siblings(out) == ["lima"]
@@ -466,7 +470,7 @@ def test_import_into_existing_checkpoint_needs_overwrite(tmp_path, monkeypatch):
     assert checkpoint.read_params_meta(out)["model"]["param_dtype"] == "bfloat16"
     assert {str(x.dtype) for x in jax.tree.leaves(checkpoint.restore_params(out))} == {"bfloat16"}
     assert _siblings(out) == ["lima"]
-    with pytest.raises(convert.ConversionError, match=r"--overwrite would delete the input"):
+    with pytest.raises(ConversionError, match=r"--overwrite would delete the input"):
         convert.main(["from_hf", "--input", str(src), "--output", str(tmp_path), "--overwrite"])
     assert src.is_dir() and out.is_dir()
 
@@ -474,13 +478,13 @@ def test_import_into_existing_checkpoint_needs_overwrite(tmp_path, monkeypatch):
 def test_import_without_model_json_is_not_a_checkpoint(tmp_path):
     """model.json is written last: a folder without it (an import that died midway) is refused by readers."""
     out = tmp_path / "lima"
-    convert.import_checkpoint(convert.HuggingFaceSource(_tiny_hf_folder(tmp_path / "src")), out)
-    assert convert.load_lima_params(out)[1].dim == 16
+    conversion.import_checkpoint(conversion.HuggingFaceSource(_tiny_hf_folder(tmp_path / "src")), out)
+    assert conversion.load_lima_params(out)[1].dim == 16
     (out / "model.json").unlink()
-    with pytest.raises(convert.ConversionError, match=r"model.json"):
-        convert.load_lima_params(out)
-    with pytest.raises(FileNotFoundError, match=r"model.json"):  # what config.init_from reads
-        checkpoint.stored_model_config(out)
+    with pytest.raises(CheckpointError, match=r"model.json"):
+        conversion.load_lima_params(out)
+    with pytest.raises(CheckpointError, match=r"model.json"):  # what config.init_from reads
+        rundir.stored_model_config(rundir.resolve_checkpoint(out))
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -492,10 +496,10 @@ def _tiny_hf_folder(folder: pathlib.Path, dtype: str = "float32", **config) -> p
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-    params = {name: rng.normal(size=shape).astype(np_dtype) for name, shape, _ in convert.hf_tensors({}, cfg)}
-    convert.write_safetensors(folder / "model.safetensors", [(n, a.shape, a.dtype) for n, a in params.items()],
+    params = {name: rng.normal(size=shape).astype(np_dtype) for name, shape, _ in conversion.hf_tensors({}, cfg)}
+    conversion.write_safetensors(folder / "model.safetensors", [(n, a.shape, a.dtype) for n, a in params.items()],
                               params.__getitem__)
-    hf = convert.model_to_hf_config(cfg, dtype, 1, 2, None)
+    hf = conversion.model_to_hf_config(cfg, dtype, 1, 2, None)
     hf.update(config)
     (folder / "config.json").write_text(json.dumps(hf))
     return folder
@@ -505,16 +509,16 @@ def _tiny_hf_folder(folder: pathlib.Path, dtype: str = "float32", **config) -> p
 def test_hf_round_trip_without_torch(tmp_path, dtype):
     """Our own safetensors reader/writer: HF -> lima_jax -> HF is exact with numpy alone, bfloat16 included."""
     src = _tiny_hf_folder(tmp_path / "src", dtype)
-    cfg = convert.import_checkpoint(convert.HuggingFaceSource(src), tmp_path / "lima")
+    cfg = conversion.import_checkpoint(conversion.HuggingFaceSource(src), tmp_path / "lima")
     assert cfg.param_dtype == dtype
     params = checkpoint.restore_params(tmp_path / "lima")
     assert {str(x.dtype) for x in jax.tree.leaves(params)} == {dtype}
-    convert.write_hf_weights(tmp_path, params, cfg, np.dtype(params["embedding"].dtype), 2**30)
-    a = convert.read_safetensors_header(src / "model.safetensors")
-    b = convert.read_safetensors_header(tmp_path / "model.safetensors")
+    conversion.write_hf_weights(tmp_path, params, cfg, np.dtype(params["embedding"].dtype), 2**30)
+    a = conversion.read_safetensors_header(src / "model.safetensors")
+    b = conversion.read_safetensors_header(tmp_path / "model.safetensors")
     assert sorted(a) == sorted(b)
     for name in a:
-        x, y = convert._read_entry(a[name]), convert._read_entry(b[name])
+        x, y = conversion.read_tensor(a[name]), conversion.read_tensor(b[name])
         assert x.dtype == y.dtype and np.array_equal(x, y), name
 
 
@@ -532,34 +536,93 @@ def test_hf_bad_config_is_named(tmp_path, field, value, message):
         src = _tiny_hf_folder(tmp_path / "m", rope_parameters=None, rope_scaling=value)
     else:
         src = _tiny_hf_folder(tmp_path / "m", **{field: value})
-    with pytest.raises(convert.ConversionError, match=message):
-        convert.HuggingFaceSource(src)
+    with pytest.raises(ConversionError, match=message):
+        conversion.HuggingFaceSource(src)
 
 
 def test_hf_shape_mismatch_and_missing_shard_are_named(tmp_path):
     src = _tiny_hf_folder(tmp_path / "m", intermediate_size=20)
-    with pytest.raises(convert.ConversionError, match=r"model.safetensors: tensor model.layers.0.mlp.gate_proj.weight"
+    with pytest.raises(ConversionError, match=r"model.safetensors: tensor model.layers.0.mlp.gate_proj.weight"
                                                       r": shape \[24, 16\]"):
-        convert.import_checkpoint(convert.HuggingFaceSource(src), tmp_path / "out")
+        conversion.import_checkpoint(conversion.HuggingFaceSource(src), tmp_path / "out")
     assert not (tmp_path / "out").exists()  # validated before anything was written
     src = _tiny_hf_folder(tmp_path / "s")
     index = {"weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(convert.ConversionError, match=r"shard model-00002-of-00002.safetensors is listed but missing"):
-        convert.HuggingFaceSource(src)
+    with pytest.raises(ConversionError, match=r"shard model-00002-of-00002.safetensors is listed but missing"):
+        conversion.HuggingFaceSource(src)
 
 
 def test_llama2c_truncated_file_is_named(tmp_path):
     header = struct.pack("<7i", 16, 24, 1, 2, 1, 32, 8)
     path = tmp_path / "m.bin"
     path.write_bytes(header + b"\0" * 100)
-    with pytest.raises(convert.ConversionError, match=r"m.bin: size 128 bytes, but the header"):
-        convert.Llama2cSource(path)
+    with pytest.raises(ConversionError, match=r"m.bin: size 128 bytes, but the header"):
+        conversion.Llama2cSource(path)
 
 
 def test_cli_help_lists_commands(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         convert.main(["--help"])
+    assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for command in ("from_hf", "from_meta", "from_llama2c", "to_hf"):
         assert command in out
+
+
+@pytest.mark.parametrize("flags", [[], ["--verbose"]])
+def test_cli_bad_input_is_one_error_paragraph_and_exit_2(tmp_path, flags):
+    """A ConversionError reaches the user as `error: <file>: <what>` and exit status 2, no traceback (with
+    --verbose, the traceback too)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("LIMA_VERBOSE", None)
+    proc = subprocess.run([sys.executable, "-m", "lima_jax.convert", "from_hf", "--input", "/nonexistent",
+                           "--output", str(tmp_path / "X"), *flags], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert ("Traceback" in proc.stderr) == bool(flags), proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == "error: /nonexistent/config.json: not found (expected a Hugging Face model folder)"
+    assert len(lines) == 1 or flags, proc.stderr
+    assert not (tmp_path / "X").exists() and not (tmp_path / "X.partial").exists()
+
+
+# ------------------------------------------------------------------------------------- to_hf from a run
+
+
+def _fake_run(root: pathlib.Path, lima: pathlib.Path, tokenizer: pathlib.Path | None) -> pathlib.Path:
+    """A run directory: `config.json` (with `tokenizer.path` unless None) and one training checkpoint (step 3,
+    epoch 1) holding the parameters of the parameter checkpoint `lima`."""
+    run = root / "run"
+    saved = checkpoint.TrainCheckpoints(run / rundir.CHECKPOINTS)
+    try:
+        meta = {"epoch": 1, "step": 3, "model": checkpoint.read_params_meta(lima)["model"]}
+        saved.save(3, {"params": checkpoint.restore_params(lima)}, meta)
+    finally:
+        saved.close()
+    config = {"workdir": str(run), "tokenizer": {} if tokenizer is None else {"path": str(tokenizer)}}
+    (run / rundir.CONFIG).write_text(json.dumps(config))
+    return run
+
+
+def test_to_hf_from_a_run_takes_its_checkpoint_and_tokenizer(exported, tmp_path, capsys):
+    """`to_hf --input RUN` without --tokenizer: the latest checkpoint (no epoch chosen) and the run's
+    config.tokenizer.path, both printed; the export equals the one made from the parameter checkpoint."""
+    lima, hf = exported
+    run = _fake_run(tmp_path, lima, TOY_TOKENIZER)
+    convert.main(["to_hf", "--input", str(run), "--output", str(tmp_path / "hf"), "--max_shard_gb", "0.0001"])
+    out = capsys.readouterr().out
+    assert f"training checkpoint {run / 'checkpoints' / '3'} (step 3, epoch 1): the latest checkpoint" in out
+    assert f"tokenizer {TOY_TOKENIZER}: config.tokenizer.path of the run's {run / 'config.json'}" in out
+    assert _snapshot(tmp_path / "hf") == _snapshot(hf)
+
+
+def test_to_hf_without_tokenizer_outside_a_run_is_refused(exported, tmp_path):
+    lima, _ = exported
+    with pytest.raises(ConversionError, match=r"no --tokenizer given, and this is not a checkpoint of a training "
+                                              r"run .*: pass --tokenizer"):
+        convert.main(["to_hf", "--input", str(lima), "--output", str(tmp_path / "hf")])
+    run = _fake_run(tmp_path, lima, None)
+    with pytest.raises(ConversionError, match=r"config.json: tokenizer.path is not set: pass --tokenizer"):
+        convert.main(["to_hf", "--input", str(run), "--output", str(tmp_path / "hf")])
+    assert not (tmp_path / "hf").exists()

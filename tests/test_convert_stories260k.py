@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from tests.conftest import shared_file
-from lima_jax import checkpoint, convert
+from lima_jax import checkpoint, convert, rundir
 from lima_jax.config import ModelConfig, load_config_file
 from lima_jax.model import Llama
 from lima_jax.tokenizer import Tokenizer
@@ -93,7 +93,7 @@ def test_stories260k_greedy_from_bos_is_fluent_english(stories):
 @pytest.fixture(scope="module")
 def finetuned(stories, tmp_path_factory):
     """configs/stories260k.py run for 2 epochs from the import; returns (workdir, metrics records)."""
-    from lima_jax import train
+    from lima_jax import training
     ckpt, *_ = stories
     config = load_config_file(REPO / "configs" / "stories260k.py")
     config.workdir = str(tmp_path_factory.mktemp("finetune") / "run")
@@ -101,7 +101,7 @@ def finetuned(stories, tmp_path_factory):
     config.tokenizer.path = str(shared_file("llama/tok512.model"))
     config.data.dev_path = ""
     config.train.num_epochs = 2
-    train.train(config)
+    training.train(config)
     records = [json.loads(line) for line in (pathlib.Path(config.workdir) / "metrics.jsonl").open()]
     return pathlib.Path(config.workdir), records
 
@@ -122,9 +122,9 @@ def test_stories260k_finetunes_from_import(stories, finetuned):
 
 
 def test_stories260k_init_from_rejects_mismatched_model(stories, tmp_path):
-    from lima_jax.config import ConfigError
+    from lima_jax.errors import ConfigError
     ckpt, cfg, *_ = stories
-    stored = checkpoint.stored_model_config(ckpt)
+    stored = rundir.stored_model_config(rundir.resolve_checkpoint(ckpt))
     checkpoint.check_model_matches(stored, ModelConfig(**{**cfg.__dict__, "vocab_size": 513}), "x",
                                    allow_smaller_vocab=True)  # the EOT row may be missing
     for field, value in (("n_layers", 4), ("rope_theta", 500000.0)):
@@ -157,16 +157,29 @@ def test_stories260k_finetuned_export_matches_in_transformers(stories, finetuned
     assert hf_tok(STORY).input_ids == [tok.bos_id] + tok.encode(STORY)
 
 
+def test_stories260k_run_exports_without_tokenizer_flag(finetuned, tmp_path, capsys):
+    """`to_hf --input WORKDIR`: the run's latest checkpoint (no epoch chosen) and its config.tokenizer.path."""
+    workdir, _ = finetuned
+    step_dir = max(workdir.glob("checkpoints/[0-9]*"), key=lambda p: int(p.name))
+    convert.main(["to_hf", "--input", str(workdir), "--output", str(tmp_path / "hf")])
+    out = capsys.readouterr().out
+    assert f"training checkpoint {step_dir} (step {step_dir.name}, epoch 2): the latest checkpoint" in out
+    assert f"tokenizer {shared_file('llama/tok512.model')}: config.tokenizer.path of the run's" in out
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf["vocab_size"] == 513 and (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
 def test_init_from_bfloat16_import_grows_eot_row(stories, tmp_path):
-    """`train.load_pretrained_params` on a bfloat16 import: cast to the model's float32, EOT row = mean row."""
-    from lima_jax import sharding, train
+    """`runtime.load_pretrained_params` on a bfloat16 import: cast to the model's float32, EOT row = mean row."""
+    from lima_jax import runtime, sharding
     _, cfg, params, tok = stories
     convert.main(["from_llama2c", "--input", str(shared_file("llama/stories260K.bin")), "--output",
                   str(tmp_path / "bf16"), "--dtype", "bfloat16"])
     model_cfg = ModelConfig(**{**cfg.__dict__, "vocab_size": tok.vocab_size, "param_dtype": "float32"})
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
-    stored = checkpoint.stored_model_config(tmp_path / "bf16")
-    loaded = train.load_pretrained_params(str(tmp_path / "bf16"), model_cfg, stored, mesh, sharding.LAYOUTS["data"])
+    choice = rundir.resolve_checkpoint(tmp_path / "bf16")
+    stored = rundir.stored_model_config(choice)
+    loaded = runtime.load_pretrained_params(choice, model_cfg, stored, mesh, sharding.LAYOUTS["data"])
     embedding = np.asarray(loaded["embedding"])
     assert embedding.dtype == np.float32 and embedding.shape == (513, 64)
     expected = np.asarray(params["embedding"]).astype(ml_dtypes.bfloat16).astype(np.float32)

@@ -13,7 +13,7 @@ from lima_jax.config import ModelConfig
 from lima_jax.data import best_fit_decreasing, load_examples, pad_rows, row_layout
 from lima_jax.data.packing import write_rows
 from lima_jax.model import Llama, attention_mask
-from lima_jax.train import loss_sums
+from lima_jax.train_step import loss_sums
 
 MAX_LEN = 128
 

@@ -1,11 +1,13 @@
 """TFDS datasets (ArrayRecord, no TensorFlow): the `lima` builder on a GAIR-style release with dialogues,
 the generic `sft_jsonl` builder, reading back with random access, the CLI, and the real LIMA texts."""
 import json
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from lima_jax import cli as lima_cli
 from lima_jax.data import DataError, load_examples
 from lima_jax.data import __main__ as cli
 from lima_jax.data import tfds_builders
@@ -127,16 +129,27 @@ def test_cli_build_and_stats(tmp_path, toy_tokenizer, capsys, repo):
     assert "examples: 6 kept, 0 skipped" in out
     assert out.count("multi_turn") == 1 and "wikihow" in out and "packed (best-fit decreasing)" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert cli.main(["build", "lima", "--manual_dir", str(tmp_path / "none"), "--data_dir", str(tmp_path)]) == 1
+    with pytest.raises(SystemExit) as exit_info:  # bad input: one error paragraph, exit status 2
+        lima_cli.run(cli.main, ["build", "lima", "--manual_dir", str(tmp_path / "none"), "--data_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
     assert "file not found" in capsys.readouterr().err
 
 
 def test_cli_help_runs_as_a_module():
-    import subprocess
-    for command in ("build", "stats"):
-        result = subprocess.run([sys.executable, "-m", "lima_jax.data", command, "--help"], capture_output=True,
-                                text=True, check=True)
-        assert "usage: python -m lima_jax.data " + command in result.stdout
+    for command in ([], ["build"], ["build", "lima"], ["stats"], ["tokenizer"], ["tokenizer", "train"],
+                    ["tokenizer", "encode"]):
+        result = subprocess.run([sys.executable, "-m", "lima_jax.data", *command, "--help"], capture_output=True,
+                                text=True, check=True)  # check: --help exits 0
+        assert "usage: python -m lima_jax.data " + " ".join(command) in result.stdout
+
+
+def test_cli_bad_input_is_one_error_line_and_status_2(repo):
+    result = subprocess.run([sys.executable, "-m", "lima_jax.data", "stats", "--data", "/nonexistent.jsonl",
+                             "--tokenizer", "data/toy_tokenizer.model"], capture_output=True, text=True, cwd=repo)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: /nonexistent.jsonl: file not found"]
+    assert "Traceback" not in result.stderr and result.stdout == ""
 
 
 def _independent_lengths(sp, path):

@@ -24,14 +24,14 @@ def _recording(original, seen, crash_after=None):
 
 @pytest.mark.slow
 def test_toy_training_with_packing_resumes_mid_epoch_with_exactly_the_remaining_batches(toy_config, monkeypatch):
-    from lima_jax.train import train
+    from lima_jax.training import train
 
     config = toy_config
     config.data.packing = True
     config.train.batch_size = 8  # rows; divisible by the 8 test devices
     config.train.num_epochs = 2
     config.train.checkpoint_every_steps = 1
-    config.eval.dev_report_epochs = ()
+    config.dev_report.epochs = ()
 
     tokenizer = Tokenizer(config.tokenizer.path)
     examples = data.load_examples(config.data.train_path, tokenizer, config.data.max_len).examples

@@ -14,8 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from lima_jax import cli as lima_cli
 from lima_jax import eval as eval_cli
-from lima_jax.data.formats import DataError
+from lima_jax import records
+from lima_jax.errors import ConfigError, DataError, LimaError
 from lima_jax.evaluation import human, judge, pairs, stats
 
 # Prompt -> (A's answer, B's answer). "GOOD" marks the answer the fake judge prefers.
@@ -44,6 +46,22 @@ def response_files(tmp_path):
 def test_pairs_match_prompts_across_orders_and_schemas(response_files):
     found = pairs.make_pairs(*response_files)
     assert [(p.prompt, p.a, p.b) for p in found] == [((k,), x, y) for k, (x, y) in ANSWERS.items()]
+
+
+def test_lima_jax_answer_files_pair_with_other_systems_prompt_files(tmp_path):
+    """`pairs` reads answer records by the field names of `lima_jax.records`; another system's file may
+    give the prompt as `prompt` (a string, or a conversation ending with the user) instead of `input`."""
+    assert set(pairs.READ_FIELDS) <= set(records.ANSWER_FIELDS)
+    single = records.PromptRecord("1", ("Hi",), (), "q.jsonl:1", {})
+    mt = records.PromptRecord("2", ("Q1",), ("Q2",), "q.jsonl:2", {"category": "writing"})
+    ours = _write(tmp_path / "ours.jsonl", [
+        records.answer_record(single, ["Hi"], ["Hello!"], 3, 2, "eot"),
+        records.answer_record(mt, ["Q1", "A1", "Q2"], ["A1", "A2"], 9, 2, "eot")])
+    theirs = _write(tmp_path / "theirs.jsonl", [{"prompt": ["Q1", "their A1", "Q2"], "responses": ["B1", "B2"]},
+                                                {"prompt": "Hi", "response": "Hey."}])
+    found = pairs.make_pairs(ours, theirs)
+    assert [(p.prompt, p.a, p.b) for p in found] == [
+        (("Hi",), "Hello!", "Hey."), (("Q1", "Q2"), "[answer 1] A1\n\n[answer 2] A2", "[answer 1] B1\n\n[answer 2] B2")]
 
 
 def test_unmatched_or_duplicate_prompts_fail_with_file_and_line(tmp_path, response_files):
@@ -187,6 +205,21 @@ def test_judge_refuses_redirects():
     finally:
         server.close()
     assert server.paths == ["/v1/chat/completions"]  # asked once (no retry), the redirect not followed
+
+
+def test_a_failing_judge_is_one_error_paragraph_with_status_2(response_files, tmp_path, capsys):
+    assert issubclass(judge.JudgeError, LimaError) and issubclass(judge.JudgeError, RuntimeError)
+    server = FakeJudge(redirect="/elsewhere/chat/completions")
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            lima_cli.run(eval_cli.main, ["pairwise", "--a", str(response_files[0]), "--b", str(response_files[1]),
+                                         "--judgments", str(tmp_path / "j.jsonl"), "--mode", "judge",
+                                         "--judge_url", server.url, "--judge_model", "fake"])
+    finally:
+        server.close()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: http://127.0.0.1:") and "redirect" in err and "Traceback" not in err
 
 
 def test_verdict_parsing_takes_the_last_mark():
@@ -415,3 +448,107 @@ def test_table_and_agreement_commands(tmp_path, capsys):
     assert "| LIMA | DaVinci003 | 4 | 50.0%" in capsys.readouterr().out and (tmp_path / "f.png").is_file()
     eval_cli.main(["agreement", str(paths[0]), str(paths[1])])
     assert re.search(r"tie-discounted accuracy: 75.0%", capsys.readouterr().out)
+
+
+def test_eval_cli_bad_input_is_one_error_line_and_status_2_and_help_exits_0(repo):
+    result = subprocess.run([sys.executable, "-m", "lima_jax.eval", "table", "/nonexistent.jsonl"],
+                            capture_output=True, text=True, cwd=repo)
+    assert result.returncode == 2, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: /nonexistent.jsonl: file not found"]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    for command in ([], ["pairwise"], ["table"], ["agreement"]):
+        result = subprocess.run([sys.executable, "-m", "lima_jax.eval", *command, "--help"], capture_output=True,
+                                text=True, cwd=repo)
+        assert result.returncode == 0, result.stderr
+        assert "usage: python -m lima_jax.eval " + " ".join(command) in result.stdout
+
+
+def test_usage_errors_are_config_errors(response_files, tmp_path, capsys):
+    a, b = response_files
+    same = tmp_path / "other" / a.name
+    same.parent.mkdir()
+    same.write_text(a.read_text())
+    with pytest.raises(SystemExit) as exit_info:
+        lima_cli.run(eval_cli.main, ["pairwise", "--a", str(a), "--b", str(same), "--judgments", str(tmp_path / "j")])
+    assert exit_info.value.code == 2 and "both systems are named 'lima'; set --a_name" in capsys.readouterr().err
+    for argv, message in (
+            (["--mode", "judge"], "--mode judge needs --judge_url"),
+            (["--mode", "judge", "--judge_url", "http://127.0.0.1:9/v1"], "--judge_model is required"),
+            (["--judge_config.seed=3"], "--judge_config.seed: only for `pairwise --mode judge --judge_checkpoint`")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            eval_cli.main(["pairwise", "--a", str(a), "--b", str(b), "--judgments", str(tmp_path / "j"), *argv])
+    assert eval_cli.split_judge_overrides(["x", "--judge_config.mesh.fsdp=8", "--judge_config.seed", "3", "y"]) == (
+        ["x", "y"], [("mesh.fsdp", "8"), ("seed", "3")])
+
+
+def test_the_lima_jax_judge_is_built_by_the_entry_point_from_the_generation_workflow(
+        response_files, tmp_path, monkeypatch, repo, toy_tokenizer):
+    """`--judge_checkpoint` (+ `--judge_config FILE`, its overrides) reaches `generation.build_generator`;
+    the evaluation package gets the finished generator. A fake generation module: no model is compiled."""
+    import dataclasses
+    import types
+
+    @dataclasses.dataclass(frozen=True)
+    class SamplingConfig:
+        greedy: bool = False
+        repetition_penalty: float = 1.2
+        max_new_tokens: int = 2048
+
+    calls, configs = [], []
+
+    class FakeGenerator:
+        tokenizer = toy_tokenizer
+
+        def generate_ids(self, ids, settings):
+            calls.append(("generate", len(ids), settings))
+            return [types.SimpleNamespace(text="[[1]]") for _ in ids]
+
+    def build_generator(config, choice, batch_size):
+        configs.append(config)
+        calls.append(("build", config.seed, config.source_file, str(choice.folder), batch_size))
+        return FakeGenerator()
+
+    fake = types.ModuleType("lima_jax.generation")
+    fake.SamplingConfig, fake.build_generator = SamplingConfig, build_generator
+    monkeypatch.setitem(sys.modules, "lima_jax.generation", fake)
+    from lima_jax import rundir  # which checkpoint: rundir's rules, as `generate --checkpoint` (no real one here)
+    monkeypatch.setattr(rundir, "resolve_checkpoint",
+                        lambda path: types.SimpleNamespace(folder=path, describe=lambda: f"fake {path}"))
+    out = tmp_path / "j.jsonl"
+    common = ["pairwise", "--a", str(response_files[0]), "--b", str(response_files[1]), "--judgments", str(out),
+              "--mode", "judge", "--chunk", "3", "--judge_max_tokens", "7"]
+    eval_cli.main(common + ["--judge_config", str(repo / "configs" / "toy.py"), "--judge_checkpoint", "CKPT",
+                            "--judge_config.seed", "123"])
+    assert calls[0] == ("build", 123, str(repo / "configs" / "toy.py"), "CKPT", 6)
+    assert {c[2] for c in calls[1:]} == {SamplingConfig(greedy=True, repetition_penalty=1.0, max_new_tokens=7)}
+    records_ = pairs.read_judgments(out)
+    assert len(records_) == len(ANSWERS) and {r["rater"] for r in records_} == {"lima_jax:CKPT"}
+    # Without --judge_config: the config.json of the run the checkpoint belongs to.
+    run = tmp_path / "run"
+    (run / "checkpoints" / "100").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"seed": 5, "mesh": {"data": 1}}))
+    calls.clear()
+    eval_cli.main(common[:6] + [str(tmp_path / "j2.jsonl")] + common[7:] +
+                  ["--judge_checkpoint", str(run / "checkpoints" / "100"), "--judge_config.mesh.data=2"])
+    assert calls[0][:3] == ("build", 5, str(run / "config.json")) and configs[-1].mesh.data == 2
+    with pytest.raises(ConfigError, match="--judge_config.nope=1: .* has no field 'nope'"):
+        eval_cli.main(common + ["--judge_checkpoint", str(run), "--judge_config.nope=1"])
+    with pytest.raises(ConfigError, match="not in a run directory with a config.json"):
+        eval_cli.main(common + ["--judge_checkpoint", str(tmp_path / "elsewhere")])
+
+
+def test_judgments_on_an_object_store_are_rewritten_whole(response_files, tmp_path, monkeypatch):
+    """gs:// cannot append: there each judgment rewrites the object (here a local file taken for one)."""
+    monkeypatch.setattr(pairs, "is_remote", lambda path: True)
+    found = pairs.make_pairs(*response_files)
+    path = tmp_path / "remote.jsonl"
+    with pairs.JudgmentStore(path, "lima", "base") as store:
+        assert store._file is None  # no open handle: nothing is appended
+        store.add(found[0], "a")
+        store.add(found[1], "tie")
+    path.write_bytes(path.read_bytes() + b'{"pair_id": "cut sh')  # a torn last line is dropped on reopening
+    with pairs.JudgmentStore(path, "lima", "base") as store:
+        assert store.done == {found[0].pair_id, found[1].pair_id}
+        store.add(found[2], "b")
+    assert [r["winner"] for r in pairs.read_judgments(path)] == ["a", "tie", "b"]

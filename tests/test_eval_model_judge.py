@@ -3,6 +3,7 @@ import jax
 import pytest
 
 from lima_jax.evaluation import judge, pairs
+from lima_jax.generation import SamplingConfig
 from tests.test_generate import _generator, _toy
 
 
@@ -18,7 +19,8 @@ def test_lima_jax_judge_answers_both_orders_and_unreadable_verdicts_are_ties(toy
     b.write_text('{"prompt": "Sum?", "response": "3"}\n{"prompt": "Hi", "response": "Hey."}\n')
     template = tmp_path / "short.txt"
     template.write_text("Q: {question}\n1: {response_1}\n2: {response_2}\nVerdict:")
-    model_judge = judge.LimaJaxJudge(_generator(toy), max_new_tokens=6)
+    greedy = SamplingConfig(greedy=True, repetition_penalty=1.0, max_new_tokens=6)  # what `lima_jax.eval` passes
+    model_judge = judge.LimaJaxJudge(_generator(toy), greedy)
     prompts = []
     original = model_judge.complete
     model_judge.complete = lambda batch: prompts.extend(batch) or original(batch)

@@ -10,8 +10,9 @@ import pytest
 from lima_jax import sharding
 from lima_jax.config import load_config_file, model_config
 from lima_jax.data.formats import DataError
-from lima_jax.generate import (Generator, SamplingConfig, answer_prompts, apply_repetition_penalty, choose_tokens,
-                               read_prompts, top_p_mask)
+from lima_jax.generation import (Generator, SamplingConfig, answer_prompts, apply_repetition_penalty, choose_tokens,
+                                 top_p_mask)
+from lima_jax.records import read_prompts
 from lima_jax.model import Llama
 from tests.conftest import REPO, shared_file
 
@@ -251,23 +252,28 @@ def test_multi_turn_questions_are_answered_round_by_round(toy, tmp_path):
 
 
 def test_parameter_checkpoints_load_onto_the_mesh(toy, tmp_path):
-    from lima_jax import checkpoint
-    from lima_jax.checkpoint import resolve_checkpoint
-    from lima_jax.generate import load_params
-    model, params, _, mesh, rules = toy
+    from lima_jax import checkpoint, runtime
+    from lima_jax.errors import CheckpointError
+    from lima_jax.rundir import resolve_checkpoint
+    model, params, tokenizer, mesh, rules = toy
     checkpoint.save_params(tmp_path / "ckpt", params, model.cfg)
-    assert resolve_checkpoint(tmp_path / "ckpt") == ("params", tmp_path / "ckpt")
-    loaded = load_params(tmp_path / "ckpt", model.cfg, mesh, rules)
+    choice = resolve_checkpoint(tmp_path / "ckpt")
+    assert (choice.kind, str(choice.folder), choice.reason) == ("params", str(tmp_path / "ckpt"), "given")
+    loaded = runtime.load_params(choice, runtime.Runtime(tokenizer, model.cfg, mesh, rules))
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
-    with pytest.raises(FileNotFoundError, match="not a training workdir"):
+    with pytest.raises(CheckpointError, match="not a training workdir"):
         resolve_checkpoint(tmp_path)
 
 
 def test_config_overrides_keep_the_field_type():
-    from lima_jax.generate import apply_override
+    from lima_jax.config import apply_overrides
+    from lima_jax.errors import ConfigError
     config = load_config_file(REPO / "configs" / "toy.py")
-    apply_override(config, "mesh.data=1")
-    apply_override(config, "eval.dev_report_epochs=[1, 2]")
-    assert config.mesh.data == 1 and config.eval.dev_report_epochs == (1, 2)
-    with pytest.raises(ValueError, match="no field 'mesh.nope'"):
-        apply_override(config, "mesh.nope=1")
+    apply_overrides(config, [("mesh.data", "1"), ("dev_report.epochs", "[1, 2]"), ("data.packing", "true"),
+                             ("optimizer.learning_rate", "1e-4")])
+    assert config.mesh.data == 1 and config.dev_report.epochs == (1, 2) and config.data.packing is True
+    assert config.optimizer.learning_rate == 1e-4
+    with pytest.raises(ConfigError, match="no field 'mesh.nope'"):
+        apply_overrides(config, [("mesh.nope", "1")])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        apply_overrides(config, [("train.batch_size", "eight")])

@@ -1,6 +1,6 @@
 """Two processes on this host, 4 CPU devices each, gloo collectives: a real multi-host run in miniature.
 
-Each process runs `lima_jax.train.train` on the toy config (data parallel over all 8 devices, so each
+Each process runs `lima_jax.training.train` on the toy config (data parallel over all 8 devices, so each
 host loads its own half of every global batch), writes the per-epoch checkpoint together with the other,
 and on a second launch both restore it and train on. The processes must agree on every loss, and the
 losses must equal those of one process with 8 devices (rtol 1e-4, as in test_sharding): a host that
@@ -32,7 +32,7 @@ from lima_jax import distributed
 pid, port, workdir, stop_after = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 distributed.initialize(f"127.0.0.1:{port}", 2, pid, timeout_s=60, cpu_collectives="gloo")
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
-from lima_jax import train
+from lima_jax import metrics, training
 from lima_jax.config import load_config_file
 config = load_config_file("configs/toy.py")
 config.workdir = workdir
@@ -40,21 +40,21 @@ config.train.num_epochs = 2
 config.train.batch_size = 8
 config.mesh.update(data=-1, fsdp=1, tensor=1, layout="data")
 losses = []
-original = train.MetricsWriter.write
-def record(self, step, metrics):
-    losses.append(metrics["loss"])
-    original(self, step, metrics)
-train.MetricsWriter.write = record
+original = metrics.MetricsWriter.write
+def record(self, step, values):
+    losses.append(values["loss"])
+    original(self, step, values)
+metrics.MetricsWriter.write = record
 
 class Preempted(Exception):
     pass
 
-def after_epoch(epoch, **_):
-    if epoch == stop_after:  # as if the job were preempted right after this epoch's checkpoint
+def after_epoch(end):
+    if end.epoch == stop_after:  # as if the job were preempted right after this epoch's checkpoint
         raise Preempted
 
 try:
-    train.train(config, after_epoch=after_epoch)
+    training.train(config, after_epoch=after_epoch)
 except Preempted:
     pass
 print("RESULT " + json.dumps({"process": jax.process_index(), "losses": losses}), flush=True)
@@ -99,21 +99,22 @@ def _run_two(workdir, stop_after_epoch: int) -> list[list[float]]:
 
 def _single_process_losses(toy_config, epochs: int) -> list[float]:
     """The same training in this process (8 devices), recording the loss of every step."""
-    from lima_jax import train
+    from lima_jax import training
+    from lima_jax.metrics import MetricsWriter
     toy_config.train.num_epochs = epochs
     toy_config.mesh.update(data=-1, fsdp=1, tensor=1, layout="data")
     losses = []
-    original = train.MetricsWriter.write
+    original = MetricsWriter.write
 
     def record(self, step, metrics):
         losses.append(metrics["loss"])
         original(self, step, metrics)
 
-    train.MetricsWriter.write = record
+    MetricsWriter.write = record
     try:
-        train.train(toy_config)
+        training.train(toy_config)
     finally:
-        train.MetricsWriter.write = original
+        MetricsWriter.write = original
     return losses
 
 

@@ -1,10 +1,13 @@
 """Per-epoch dev reports: rendering, a toy training run with the hook, the chosen-epoch marker."""
 import json
+import os
 import re
 
 import pytest
 
-from lima_jax import checkpoint, generate, report
+from lima_jax import dev_report, generate, report, rundir
+from lima_jax.errors import CheckpointError
+from lima_jax.records import read_prompts, write_jsonl
 
 
 def _answer(pid, prompt, response, tokens, reason, epoch, step):
@@ -13,7 +16,7 @@ def _answer(pid, prompt, response, tokens, reason, epoch, step):
 
 
 def _write_epoch(workdir, epoch, records):
-    generate.write_jsonl(report.epoch_answers_path(workdir, epoch), records)
+    write_jsonl(rundir.RunDir.at(workdir).epoch_answers(epoch), records)
 
 
 def test_report_puts_epochs_side_by_side_with_lengths_and_eot_rates(tmp_path):
@@ -23,7 +26,7 @@ def test_report_puts_epochs_side_by_side_with_lengths_and_eot_rates(tmp_path):
     _write_epoch(tmp_path, 6, [_answer("2", "How?", "Like that", 4, "max_new_tokens", 6, 60),
                                _answer("1", "Why <b>?", "Since.", 1, "eot", 6, 60),
                                _answer("3", "What?", "Stop.", 2, "eot", 6, 60)])
-    html_path, md_path = report.write_report(tmp_path)
+    html_path, md_path = dev_report.write_report(tmp_path)
     page, md = html_path.read_text(), md_path.read_text()
     assert "Why &lt;b&gt;?" in page and "Because &lt;i&gt;." in page and "<i>" not in page  # escaped
     assert len(re.findall(r"<th>epoch 5</th>\s*<th>epoch 6</th>", page)) == 3  # side by side, per prompt
@@ -31,42 +34,42 @@ def test_report_puts_epochs_side_by_side_with_lengths_and_eot_rates(tmp_path):
     assert "| 6 | 60 | 3 | 2.3 | 2 | 4 | 67% | eot 2, max_new_tokens 1 |" in md
     # Prompts follow the first epoch's order; each epoch's answer is matched by id, not by position.
     assert md.index("Because <i>.") < md.index("Since.") < md.index("Like this") < md.index("Like that")
-    summary = report.epoch_summary(report.load_epoch_answers(tmp_path)[6])
+    summary = dev_report.epoch_summary(dev_report.load_epoch_answers(tmp_path)[6])
     assert summary["eot_rate"] == pytest.approx(2 / 3) and summary["median_tokens"] == 2
 
 
 def test_chosen_checkpoint_is_none_until_chosen_and_malformed_markers_fail(tmp_path):
-    assert report.chosen_checkpoint(tmp_path) is None
-    (tmp_path / report.CHOSEN_FILE).write_text('{"epoch": 3}')
-    with pytest.raises(ValueError, match="chosen_epoch.json: malformed"):
-        report.chosen_checkpoint(tmp_path)
-    (tmp_path / report.CHOSEN_FILE).write_text('{"epoch": 3, "checkpoint": "checkpoints/30"}')
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        report.chosen_checkpoint(tmp_path)
+    assert rundir.chosen_checkpoint(tmp_path) is None
+    (tmp_path / rundir.CHOSEN_EPOCH).write_text('{"epoch": 3}')
+    with pytest.raises(CheckpointError, match="chosen_epoch.json: malformed"):
+        rundir.chosen_checkpoint(tmp_path)
+    (tmp_path / rundir.CHOSEN_EPOCH).write_text('{"epoch": 3, "checkpoint": "checkpoints/30"}')
+    with pytest.raises(CheckpointError, match="does not exist"):
+        rundir.chosen_checkpoint(tmp_path)
 
 
 @pytest.mark.slow
 def test_toy_run_writes_the_report_and_the_chosen_epoch_drives_generation(toy_config, tmp_path, capsys):
-    from lima_jax.train import train
+    from lima_jax.training import train
     config = toy_config
     config.train.num_epochs = 2
-    config.eval.dev_report_epochs = (1, 2)
-    config.eval.max_new_tokens = 8
+    config.dev_report.epochs = (1, 2)
+    config.dev_report.max_new_tokens = 8
     workdir = tmp_path / "run"
-    train(config, after_epoch=report.dev_report_hook(config))
+    train(config, after_epoch=dev_report.dev_report_hook(config))
 
-    answers = report.load_epoch_answers(workdir)
+    answers = dev_report.load_epoch_answers(workdir)
     assert sorted(answers) == [1, 2]
     # A run stopped inside epoch 2's report: restarting trains nothing more, writes the missing answers
     # (identical: same parameters and seed) and leaves epoch 1's file alone.
-    epoch1_file, epoch2_file = report.epoch_answers_path(workdir, 1), report.epoch_answers_path(workdir, 2)
+    epoch1_file, epoch2_file = rundir.RunDir.at(workdir).epoch_answers(1), rundir.RunDir.at(workdir).epoch_answers(2)
     epoch1_before, epoch2_before = epoch1_file.read_bytes(), epoch2_file.read_bytes()
-    epoch1_mtime = epoch1_file.stat().st_mtime_ns
+    epoch1_mtime = os.stat(epoch1_file).st_mtime_ns
     epoch2_file.unlink()
-    train(config, after_epoch=report.dev_report_hook(config))
+    train(config, after_epoch=dev_report.dev_report_hook(config))
     assert epoch2_file.read_bytes() == epoch2_before
-    assert epoch1_file.read_bytes() == epoch1_before and epoch1_file.stat().st_mtime_ns == epoch1_mtime
-    dev_prompts = generate.read_prompts(config.data.dev_path)
+    assert epoch1_file.read_bytes() == epoch1_before and os.stat(epoch1_file).st_mtime_ns == epoch1_mtime
+    dev_prompts = read_prompts(config.data.dev_path)
     for epoch, records in answers.items():
         assert [r["id"] for r in records] == [p.id for p in dev_prompts]
         assert all(r["epoch"] == epoch and 1 <= r["response_tokens"] + (r["stop_reason"] == "eot") <= 8
@@ -76,18 +79,20 @@ def test_toy_run_writes_the_report_and_the_chosen_epoch_drives_generation(toy_co
     for p in dev_prompts:
         assert p.turns[0] in page and p.turns[0] in md
     for epoch in (1, 2):
-        s = report.epoch_summary(answers[epoch])
+        s = dev_report.epoch_summary(answers[epoch])
         assert f"| {epoch} | {answers[epoch][0]['step']} | 6 | {s['mean_tokens']:.1f} |" in md
         assert f"{100 * s['eot_rate']:.0f}%" in md
 
     report.main(["choose", "--workdir", str(workdir), "--epoch", "1", "--note", "test"])
-    marker = report.read_chosen_epoch(workdir)
+    marker = rundir.read_chosen_epoch(workdir)
     assert marker["epoch"] == 1 and marker["step"] == answers[1][0]["step"]
-    assert report.chosen_checkpoint(workdir) == workdir / "checkpoints" / str(marker["step"])
-    assert checkpoint.resolve_checkpoint(workdir) == ("train", workdir / "checkpoints" / str(marker["step"]))
+    assert str(rundir.chosen_checkpoint(workdir)) == str(workdir / "checkpoints" / str(marker["step"]))
+    choice = rundir.resolve_checkpoint(workdir)
+    assert (choice.kind, str(choice.folder), choice.reason, choice.epoch) == (
+        "train", str(workdir / "checkpoints" / str(marker["step"])), "chosen", 1)
     assert "1 (chosen)" in (workdir / "dev_report.md").read_text()
-    with pytest.raises(ValueError, match="no end-of-epoch checkpoint for epoch 9"):
-        report.mark_chosen_epoch(workdir, 9)
+    with pytest.raises(CheckpointError, match="no end-of-epoch checkpoint for epoch 9"):
+        rundir.mark_chosen_epoch(workdir, 9)
 
     # generate --checkpoint WORKDIR reads the chosen epoch's parameters: same seed and settings as the hook,
     # so it reproduces epoch 1's dev answers exactly (and not epoch 2's, the latest checkpoint).
@@ -97,3 +102,12 @@ def test_toy_run_writes_the_report_and_the_chosen_epoch_drives_generation(toy_co
     regenerated = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["response"] for r in regenerated] == [r["response"] for r in answers[1]]
     assert [r["stop_reason"] for r in regenerated] == [r["stop_reason"] for r in answers[1]]
+    # Without --config, generate uses the run's own config.json, and says which checkpoint and why.
+    capsys.readouterr()
+    again = tmp_path / "again.jsonl"
+    generate.main(["--checkpoint", str(workdir), "--prompts", config.data.dev_path, "--out", str(again),
+                   "--max_new_tokens", "8", "--seed", str(config.seed)])
+    printed = capsys.readouterr()
+    assert again.read_text() == out.read_text()
+    assert f"config: {workdir / 'config.json'}" in printed.err
+    assert f"checkpoints/{marker['step']} (step {marker['step']}, epoch 1): the run's chosen epoch" in printed.out

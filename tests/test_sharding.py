@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lima_jax import checkpoint, data, sharding, train
+from lima_jax import checkpoint, data, runtime, sharding, training, train_step
 from lima_jax.config import ConfigError, model_config
 from lima_jax.model import Llama
 from lima_jax.optim import learning_rate_schedule, make_optimizer
@@ -36,7 +36,7 @@ def _with_mesh(config, layout: str, data_: int, fsdp: int, tensor: int, **train_
 
 
 def _state_and_step(config, devices):
-    """What `lima_jax.train.train` builds, on `devices`: mesh, rules, state, jitted step, batch sharding."""
+    """What `lima_jax.training.train` builds, on `devices`: mesh, rules, state, jitted step, batch sharding."""
     tokenizer = Tokenizer(config.tokenizer.path)
     model_cfg = model_config(config, vocab_size=tokenizer.vocab_size)
     mesh = sharding.make_mesh(config, devices, vocab_size=model_cfg.vocab_size)
@@ -45,12 +45,11 @@ def _state_and_step(config, devices):
     total = 100
     tx = make_optimizer(config, total)
     with sharding.activate(mesh, rules):
-        abstract, shardings = train.abstract_train_state(model, tx, mesh, rules)
-        state = train.create_train_state(model, tx, shardings, jax.random.key(config.seed))
+        abstract, shardings = runtime.abstract_train_state(model, tx, mesh, rules)
+        state = runtime.create_train_state(model, tx, shardings, jax.random.key(config.seed))
         batch_sharding = sharding.batch_sharding(mesh, rules)
-        step = jax.jit(train.make_train_step(model, config, learning_rate_schedule(config, total),
-                                             jax.random.key(config.seed + 1)),
-                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+        step = train_step.jit_train_step(model, config, learning_rate_schedule(config, total), shardings,
+                                         batch_sharding)
     return tokenizer, model_cfg, mesh, abstract, state, step, batch_sharding
 
 
@@ -65,7 +64,7 @@ def _losses(config, devices) -> list[float]:
     losses = []
     with jax.set_mesh(mesh):
         for _, local in zip(range(STEPS), batches):
-            state, metrics = step(state, train.global_batch(local, batch_sharding, shape))
+            state, metrics = step(state, runtime.global_batch(local, batch_sharding, shape))
             losses.append(float(metrics["loss"]))
     return losses
 
@@ -102,7 +101,7 @@ def _abstract_state(config, devices=None):
     mesh = sharding.make_mesh(config, devices, vocab_size=model_cfg.vocab_size)
     rules = sharding.layout_rules(config, vocab_size=512, shape=mesh.devices.shape)
     with sharding.activate(mesh, rules):
-        return train.abstract_train_state(Llama(model_cfg), make_optimizer(config, 10), mesh, rules)
+        return runtime.abstract_train_state(Llama(model_cfg), make_optimizer(config, 10), mesh, rules)
 
 
 def test_presets_shard_params_and_optimizer_state(toy_config):
@@ -168,10 +167,10 @@ def test_batch_not_divisible_fails_in_setup_before_any_compile(toy_config):
     config = _with_mesh(toy_config, "data", 8, 1, 1, batch_size=12)
     jax.clear_caches()
     with pytest.raises(ConfigError, match=r"config.train.batch_size=12 .* not divisible by the batch's mesh axes"):
-        train.setup(config)
+        training.setup(config)
     config = _with_mesh(toy_config, "tensor", 2, 1, 4, batch_size=8)
     with pytest.raises(ConfigError, match="kv_heads size 2 is not divisible by mesh axes tensor of size 4"):
-        train.setup(config)
+        training.setup(config)
     assert compiles == []
 
 

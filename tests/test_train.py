@@ -18,7 +18,9 @@ from lima_jax import data
 from lima_jax.config import ConfigError, model_config
 from lima_jax.model import Llama
 from lima_jax.optim import learning_rate_schedule
-from lima_jax.train import TrainingDiverged, TrainState, make_train_step, setup, train
+from lima_jax.errors import TrainingDiverged
+from lima_jax.train_step import TrainState, make_train_step
+from lima_jax.training import setup, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

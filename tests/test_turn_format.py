@@ -152,3 +152,25 @@ def test_a_file_that_is_not_sentencepiece_is_named(tmp_path):
     bogus.write_text("not a model")
     with pytest.raises(ValueError, match="tokenizer.model: not a sentencepiece model"):
         Tokenizer(bogus)
+
+
+def test_the_data_cli_tokenizer_commands_rebuild_and_show_the_toy_tokenizer(tmp_path, repo, toy_tokenizer, capsys):
+    """`python -m lima_jax.data tokenizer train|encode` (the CLI that was `python -m lima_jax.tokenizer`)."""
+    from lima_jax.data import __main__ as data_cli
+    from lima_jax.tokenizer import Tokenizer
+    out = tmp_path / "new" / "tok.model"
+    assert data_cli.main(["tokenizer", "train", "--input", str(repo / "data" / "toy_lima.jsonl"),
+                          "--output", str(out)]) == 0
+    rebuilt = Tokenizer(out)
+    assert rebuilt.vocab_size == toy_tokenizer.vocab_size == 513  # 512 pieces + EOT
+    pieces = [rebuilt.sp.id_to_piece(i) for i in range(rebuilt.eot_id)]
+    assert pieces == [toy_tokenizer.sp.id_to_piece(i) for i in range(toy_tokenizer.eot_id)]
+    capsys.readouterr()
+    assert data_cli.main(["tokenizer", "encode", "--tokenizer", str(out), '["Hi", "Hello!"]']) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    dialog = toy_tokenizer.encode_dialog(["Hi", "Hello!"])
+    assert [int(r[0]) for r in rows] == dialog.ids
+    assert [r[1] == "T" for r in rows] == dialog.assistant_mask
+    assert rows[0][2] == "<s>" and rows[-1] == [str(toy_tokenizer.eot_id), "T", "<eot>"]
+    with pytest.raises(DataError, match="expected a JSON list of strings"):
+        data_cli.main(["tokenizer", "encode", "--tokenizer", str(out), '{"a": 1}'])

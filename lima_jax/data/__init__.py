@@ -1,5 +1,6 @@
 """Data: conversation formats (`formats`), rows and packing (`packing`), the batch pipeline (`pipeline`),
-TFDS datasets (`tfds_builders`) and the `python -m lima_jax.data build|stats` CLI (`__main__`)."""
+TFDS datasets (`tfds_builders`), dataset statistics (`stats`), and the `python -m lima_jax.data
+build|stats|tokenizer` entry point (`__main__`). Every path may be local or a gs:// URL (`lima_jax.paths`)."""
 from lima_jax.data.formats import Conversation, DataError, read_conversations
 from lima_jax.data.packing import best_fit_decreasing
 from lima_jax.data.pipeline import (BATCH_FIELDS, Example, LoadReport, RowLayout, check_input_signature,

@@ -15,11 +15,10 @@ import json
 import pathlib
 from typing import Iterator
 
+from lima_jax.errors import DataError
+from lima_jax.paths import as_path
+
 SCHEMAS = ("lima", "instruction", "messages")
-
-
-class DataError(ValueError):
-    """Bad input data; the message starts with `file:line:`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +126,10 @@ def parse_record(record: object, path: str, line: int, schema: str = "auto",
 
 def numbered_lines(path: str | pathlib.Path) -> Iterator[tuple[int, str]]:
     """(line number, text) for each non-blank line of a file."""
-    path = pathlib.Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as f:
+    with path.open("r", encoding="utf-8") as f:
         for line_no, text in enumerate(f, start=1):
             if text.strip():
                 yield line_no, text

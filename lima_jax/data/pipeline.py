@@ -14,7 +14,8 @@ the total in advance. Every epoch visits every example once in an order that dep
 (seed, epoch); the last, short batch is filled with empty rows (weight 0) instead of being dropped.
 Each host builds only its own rows of every global batch, from step `start_step` on (resuming).
 
-Examples come from a JSONL file (`formats.py`) or a prepared TFDS dataset (`tfds_builders.py`).
+Examples come from a JSONL file (`formats.py`) or a prepared TFDS dataset (`tfds_builders.py`), local or
+on gs:// (every path goes through `lima_jax.paths`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import numpy as np
 
 from lima_jax.data.formats import Conversation, DataError, numbered_lines, parse_json_line, parse_record
 from lima_jax.data.packing import ROW_FIELDS, best_fit_decreasing, token_efficiency, write_rows
+from lima_jax.paths import PathLike
 from lima_jax.tokenizer import Tokenizer
 
 BATCH_FIELDS = ROW_FIELDS
@@ -81,7 +83,7 @@ class LoadReport:
         return sum(e.trimmed for e in self.examples)
 
 
-def iter_conversations(path: str, schema: str = "auto") -> Iterator[Conversation | DataError]:
+def iter_conversations(path: PathLike, schema: str = "auto") -> Iterator[Conversation | DataError]:
     """Each training record of a JSONL file or a prepared TFDS dataset (`dir` or `dir:split`), in file
     order: its Conversation, or the DataError (naming file and line) that makes it unusable."""
     from lima_jax.data import tfds_builders  # tensorflow_datasets is imported only when a dataset is read
@@ -152,7 +154,7 @@ def _keep_or_raise(items: Iterable[Example | Conversation | DataError], on_bad_e
     return kept
 
 
-def load_examples(path: str, tokenizer: Tokenizer, max_len: int, loss_on: str = "assistant",
+def load_examples(path: PathLike, tokenizer: Tokenizer, max_len: int, loss_on: str = "assistant",
                   on_bad_example: str = "error", schema: str = "auto", num_workers: int | None = None) -> LoadReport:
     """Reads and tokenizes a JSONL file or a prepared TFDS dataset (`dir` or `dir:split`, see
     `tfds_builders`). Bad records raise DataError naming file and line, or with on_bad_example="skip"

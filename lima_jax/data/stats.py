@@ -3,12 +3,13 @@ the examples fill rows padded vs packed. `python -m lima_jax.data stats` prints 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import io
 from typing import Sequence
 
 import numpy as np
 
 from lima_jax.data.pipeline import Example, LoadReport, RowLayout, row_layout, steps_per_epoch
+from lima_jax.paths import PathLike, as_path
 
 NO_SOURCE = "(no source)"
 PERCENTILES = (50, 90, 99)
@@ -46,7 +47,7 @@ class DataStats:
     packed: RowLayout
 
 
-def compute_stats(path: str, report: LoadReport, max_len: int) -> DataStats:
+def compute_stats(path: PathLike, report: LoadReport, max_len: int) -> DataStats:
     """Statistics of the examples `load_examples(path, ...)` returned."""
     examples = report.examples
     sources = sorted({e.source for e in examples})
@@ -82,8 +83,9 @@ def format_stats(stats: DataStats, batch_size: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_histogram(stats: DataStats, examples: Sequence[Example], png: str | pathlib.Path) -> None:
-    """A stacked histogram of conversation lengths per source, with the trimming length marked."""
+def write_histogram(stats: DataStats, examples: Sequence[Example], png: PathLike) -> None:
+    """A stacked histogram of conversation lengths per source, with the trimming length marked, written to
+    `png` (a local path or a gs:// URL)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -95,8 +97,12 @@ def write_histogram(stats: DataStats, examples: Sequence[Example], png: str | pa
     ax.axvline(stats.max_len + 1, color="black", linestyle="--", label=f"trimmed above {stats.max_len + 1}")
     ax.set_xlabel("tokens per conversation (BOS and EOTs included)")
     ax.set_ylabel("examples")
-    ax.set_title(f"{pathlib.Path(stats.path).name}: {stats.overall.count} examples")
+    ax.set_title(f"{as_path(stats.path).name}: {stats.overall.count} examples")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    png = as_path(png)
+    image = io.BytesIO()
+    fig.savefig(image, format=png.suffix.lstrip(".").lower() or "png", dpi=120)  # as savefig(png) would
     plt.close(fig)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    png.write_bytes(image.getvalue())

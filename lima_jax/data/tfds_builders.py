@@ -14,13 +14,13 @@ Examples keep file order (`disable_shuffling`), so a dataset trains exactly like
 
 Build: `python -m lima_jax.data build lima --manual_dir DIR --data_dir OUT` (see `__main__`); read:
 `read_conversations("OUT/lima/single_turn/1.0.0:train")`, or set that path as `config.data.train_path`.
-Builds never download anything: the data come only from the manual dir or the given files.
+Builds never download anything: the data come only from the manual dir or the given files. Every path
+(manual dir, split files, data dir, dataset folder) may be local or a gs:// URL (`lima_jax.paths`).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from lima_jax.data.formats import Conversation, DataError, read_conversations as read_jsonl
+from lima_jax.paths import PathLike, as_path
 
 VERSION = tfds.core.Version("1.0.0")
 RELEASED_TRAIN_ROWS = {"single_turn": 1000, "with_dialogues": 1030}
@@ -57,7 +58,7 @@ def _records(convs: list[Conversation]) -> Iterator[tuple[int, dict]]:
         yield index, _record(conv)
 
 
-def _read_split(path: pathlib.Path, for_training: bool | None) -> list[Conversation]:
+def _read_split(path: epath.Path, for_training: bool | None) -> list[Conversation]:
     """All records of one file, validated before anything is written (the first bad one raises)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -97,15 +98,15 @@ class Lima(_LocalBuilder):
                    with_dialogues=True),
     ]
 
-    def __init__(self, *, dev_file: str | pathlib.Path | None = None, **kwargs):
-        self._dev_file = pathlib.Path(dev_file) if dev_file else None
+    def __init__(self, *, dev_file: PathLike | None = None, **kwargs):
+        self._dev_file = as_path(dev_file) if dev_file else None
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return _info(self, homepage="https://arxiv.org/abs/2305.11206")
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        manual = pathlib.Path(dl_manager.manual_dir)
+        manual = as_path(dl_manager.manual_dir)
         train = _read_split(manual / "train.jsonl", for_training=True)
         if not self.builder_config.with_dialogues:
             train = [conv for conv in train if len(conv.turns) == 2]
@@ -129,8 +130,8 @@ class SftJsonl(_LocalBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the JSONL file of each split as split_files={'train': path, ...}."
 
     def __init__(self, *, config: str | tfds.core.BuilderConfig = "default",
-                 split_files: Mapping[str, str | pathlib.Path] | None = None, **kwargs):
-        self._split_files = {name: pathlib.Path(path) for name, path in (split_files or {}).items()}
+                 split_files: Mapping[str, PathLike] | None = None, **kwargs):
+        self._split_files = {name: as_path(path) for name, path in (split_files or {}).items()}
         if isinstance(config, str):
             config = tfds.core.BuilderConfig(name=config, description="user JSONL files")
         super().__init__(config=config, **kwargs)
@@ -146,47 +147,48 @@ class SftJsonl(_LocalBuilder):
                 for name, path in self._split_files.items()}
 
 
-def _prepare(builder: tfds.core.GeneratorBasedBuilder, manual_dir: pathlib.Path | None) -> pathlib.Path:
+def _prepare(builder: tfds.core.GeneratorBasedBuilder, manual_dir: epath.Path | None) -> epath.Path:
     config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None,
                                           try_download_gcs=False)
     builder.download_and_prepare(download_config=config)
-    return pathlib.Path(builder.data_dir)
+    return as_path(builder.data_dir)
 
 
-def build_lima(manual_dir: str | pathlib.Path, data_dir: str | pathlib.Path, config: str = "single_turn",
-               dev_file: str | pathlib.Path | None = None) -> pathlib.Path:
+def build_lima(manual_dir: PathLike, data_dir: PathLike, config: str = "single_turn",
+               dev_file: PathLike | None = None) -> epath.Path:
     """Builds `lima/<config>` from the manual dir into `data_dir`; returns the dataset folder."""
-    manual_dir = pathlib.Path(manual_dir)
+    manual_dir = as_path(manual_dir)
     if not (manual_dir / "train.jsonl").is_file():
         raise DataError(f"{manual_dir / 'train.jsonl'}: file not found. {Lima.MANUAL_DOWNLOAD_INSTRUCTIONS}")
     if config not in RELEASED_TRAIN_ROWS:
         raise DataError(f"lima config {config!r}: expected one of {sorted(RELEASED_TRAIN_ROWS)}")
-    builder = Lima(config=config, data_dir=str(data_dir), file_format="array_record", dev_file=dev_file)
+    builder = Lima(config=config, data_dir=str(as_path(data_dir)), file_format="array_record", dev_file=dev_file)
     return _prepare(builder, manual_dir)
 
 
-def build_jsonl(name: str, split_files: Mapping[str, str | pathlib.Path], data_dir: str | pathlib.Path) -> pathlib.Path:
+def build_jsonl(name: str, split_files: Mapping[str, PathLike], data_dir: PathLike) -> epath.Path:
     """Builds `sft_jsonl/<name>` from one JSONL file per split into `data_dir`; returns the dataset folder."""
-    builder = SftJsonl(config=name, split_files=split_files, data_dir=str(data_dir), file_format="array_record")
+    builder = SftJsonl(config=name, split_files=split_files, data_dir=str(as_path(data_dir)),
+                       file_format="array_record")
     return _prepare(builder, None)
 
 
-def split_dataset_path(path: str | pathlib.Path) -> tuple[pathlib.Path, str]:
-    """`dir` or `dir:split` (default split "train") to (dataset folder, split)."""
+def split_dataset_path(path: PathLike) -> tuple[epath.Path, str]:
+    """`dir` or `dir:split` (default split "train") to (dataset folder, split); `gs://b/dir:split` too."""
     text = str(path)
     head, sep, tail = text.rpartition(":")
     if sep and tail and "/" not in tail:
-        return pathlib.Path(head), tail
-    return pathlib.Path(text), "train"
+        return as_path(head), tail
+    return as_path(text), "train"
 
 
-def is_dataset_path(path: str | pathlib.Path) -> bool:
+def is_dataset_path(path: PathLike) -> bool:
     """True when `path` (`dir` or `dir:split`) is a prepared TFDS dataset folder."""
     folder, _ = split_dataset_path(path)
     return (folder / _DATASET_INFO).is_file()
 
 
-def data_source(path: str | pathlib.Path):
+def data_source(path: PathLike):
     """The random-access source (`len`, `[i]`) of one split of a prepared dataset."""
     folder, split = split_dataset_path(path)
     if not (folder / _DATASET_INFO).is_file():
@@ -208,7 +210,7 @@ def to_conversation(record: Mapping) -> Conversation:
                         _text(record["file"]), int(record["line"]))
 
 
-def read_conversations(path: str | pathlib.Path) -> list[Conversation]:
+def read_conversations(path: PathLike) -> list[Conversation]:
     """Every conversation of one split (`dir` or `dir:split`), in file order."""
     source = data_source(path)
     return [to_conversation(source[i]) for i in range(len(source))]

@@ -3,24 +3,29 @@ between the two verdicts counts as a tie (which cancels the judge's position bia
 
 The judge is either an OpenAI-compatible chat endpoint on *localhost* (a local vLLM / llama.cpp / TGI
 server; nothing else is ever contacted: proxy settings are ignored and redirects refused) or a lima_jax
-model decoding greedily. The judge prompt is a text file with the placeholders {question}, {response_1}
-and {response_2}; the judge must end its answer with [[1]], [[2]] or [[N]] (neither). Verdicts that
-cannot be read count as ties and are flagged `unparsed`.
+model decoding greedily (`LimaJaxJudge`: the caller builds the generator, e.g. `lima_jax.eval` with
+`lima_jax.generation.build_generator`, so this package needs no model code). The judge prompt is a text
+file (local or gs://) with the placeholders {question}, {response_1} and {response_2}; the judge must end
+its answer with [[1]], [[2]] or [[N]] (neither). Verdicts that cannot be read count as ties and are
+flagged `unparsed`.
 """
 from __future__ import annotations
 
 import json
-import pathlib
 import re
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
+from etils import epath
+
+from lima_jax.errors import ConfigError, DataError, LimaError
 from lima_jax.evaluation.pairs import JudgmentStore, Pair
+from lima_jax.paths import PathLike, as_path
 
-DEFAULT_PROMPT = pathlib.Path(__file__).resolve().parent.parent / "prompts" / "judge_pairwise.txt"
+DEFAULT_PROMPT = epath.Path(__file__).resolve().parent.parent / "prompts" / "judge_pairwise.txt"
 PLACEHOLDERS = ("{question}", "{response_1}", "{response_2}")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 _VERDICT = re.compile(r"\[\[\s*(1|2|n|neither|tie)\s*\]\]", re.IGNORECASE)
@@ -33,8 +38,9 @@ class Judge(Protocol):
         """The judge's text answer to each prompt."""
 
 
-class JudgeError(RuntimeError):
-    """The judge endpoint failed or answered something that is not a chat completion."""
+class JudgeError(LimaError, RuntimeError):
+    """The judge endpoint failed or answered something that is not a chat completion; the message names
+    the URL (`lima_jax.cli.run` prints it as one `error:` paragraph, exit status 2)."""
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -48,15 +54,15 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
 
 
-def load_template(path: str | pathlib.Path = DEFAULT_PROMPT) -> str:
-    """The judge prompt template; it must contain each placeholder."""
-    path = pathlib.Path(path)
+def load_template(path: PathLike = DEFAULT_PROMPT) -> str:
+    """The judge prompt template; it must contain each placeholder (else DataError naming the file)."""
+    path = as_path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: judge prompt file not found")
+        raise DataError(f"{path}: judge prompt file not found (--judge_prompt)")
     text = path.read_text(encoding="utf-8")
     missing = [p for p in PLACEHOLDERS if p not in text]
     if missing:
-        raise ValueError(f"{path}: the judge prompt lacks the placeholder(s) {', '.join(missing)}")
+        raise DataError(f"{path}: the judge prompt lacks the placeholder(s) {', '.join(missing)}")
     return text
 
 
@@ -77,10 +83,10 @@ def parse_verdict(text: str) -> str | None:
 
 
 def check_local_url(url: str) -> str:
-    """The URL without a trailing slash, if it is http(s) on localhost; ValueError otherwise."""
+    """The URL without a trailing slash, if it is http(s) on localhost; ConfigError otherwise."""
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in ("http", "https") or parsed.hostname not in LOCAL_HOSTS:
-        raise ValueError(f"--judge_url {url!r}: only http(s) endpoints on localhost ({', '.join(LOCAL_HOSTS)}) "
+        raise ConfigError(f"--judge_url {url!r}: only http(s) endpoints on localhost ({', '.join(LOCAL_HOSTS)}) "
                          "are allowed")
     return url.rstrip("/")
 
@@ -122,12 +128,16 @@ class HttpJudge:
 
 
 class LimaJaxJudge:
-    """A lima_jax model as the judge: each judge prompt is one user turn, answered greedily."""
+    """A lima_jax model as the judge: each judge prompt is one user turn, answered with `settings`.
 
-    def __init__(self, generator, max_new_tokens: int = 512, name: str = "lima_jax judge"):
-        from lima_jax.generate import SamplingConfig
+    `generator` is a `lima_jax.generation.Generator` (anything with `.tokenizer` and
+    `.generate_ids(ids, settings)` returning completions with `.text`) and `settings` its sampling settings,
+    greedy for a judge, e.g. `SamplingConfig(greedy=True, repetition_penalty=1.0, max_new_tokens=512)`.
+    Both come from the caller, so the evaluation package imports no generation code."""
+
+    def __init__(self, generator: Any, settings: Any, name: str = "lima_jax judge"):
         self.generator = generator
-        self.settings = SamplingConfig(greedy=True, repetition_penalty=1.0, max_new_tokens=max_new_tokens)
+        self.settings = settings
         self.name = name
 
     def complete(self, prompts: Sequence[str]) -> list[str]:

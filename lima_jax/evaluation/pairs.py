@@ -1,9 +1,15 @@
 """Two response files on the same prompts, matched into pairs, and the judgments file that records each
 verdict the moment it is made (append, flush, fsync) so a session can be interrupted and resumed.
 
-A response file is JSONL with, per line, the prompt (`input`, as `lima_jax.generate` writes, or `prompt`:
-a string or a list of turns) and the answer (`response`; with `responses`, one answer per round of a
-multi-turn question). Prompts are matched by their text, so both files may list them in any order.
+A response file is JSONL with, per line, the prompt and the answer, in the fields of lima_jax's answer
+records (`lima_jax.records`, what `lima_jax.generate --out` writes): `input` (the user turns), else
+`prompt` (another system's file: a string, or the conversation ending with the user, of which the user
+turns are kept), and `response` (with `responses`, one answer per round of a multi-turn question). Other
+fields are ignored. Prompts are matched by their text, so both files may list them in any order.
+
+Every path may be local or a gs:// URL (`lima_jax.paths`). A local judgments file is appended to and
+synced line by line; on an object store (gs://), which cannot append, each judgment rewrites the object,
+which becomes visible only once complete.
 """
 from __future__ import annotations
 
@@ -12,13 +18,19 @@ import datetime
 import hashlib
 import json
 import os
-import pathlib
 import random
 from typing import Iterator, Sequence
 
-from lima_jax.data.formats import DataError, iter_jsonl
+from lima_jax.data.formats import iter_jsonl
+from lima_jax.errors import DataError
+from lima_jax.paths import PathLike, as_path, is_remote
+from lima_jax.records import ANSWER_FIELDS
 
 CHOICES = ("a", "b", "tie")
+# The fields of an answer record (`lima_jax.records.ANSWER_FIELDS`) that pairing reads.
+INPUT, PROMPT, RESPONSE, RESPONSES = "input", "prompt", "response", "responses"
+READ_FIELDS = (INPUT, PROMPT, RESPONSE, RESPONSES)
+assert set(READ_FIELDS) <= set(ANSWER_FIELDS), "lima_jax.records renamed an answer field pairing reads"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,14 +65,14 @@ class Pair:
 
 
 def _answer_text(record: dict, prompt: Sequence[str], where: str) -> str:
-    responses = record.get("responses")
+    responses = record.get(RESPONSES)
     if isinstance(responses, list) and len(responses) > 1:
         if len(responses) != len(prompt) or not all(isinstance(r, str) for r in responses):
-            raise DataError(f"{where}: field 'responses' must hold one string per user turn ({len(prompt)})")
+            raise DataError(f"{where}: field '{RESPONSES}' must hold one string per user turn ({len(prompt)})")
         return "\n\n".join(f"[answer {i + 1}] {r}" for i, r in enumerate(responses))
-    text = record.get("response")
+    text = record.get(RESPONSE)
     if not isinstance(text, str):
-        raise DataError(f"{where}: field 'response' must be a string")
+        raise DataError(f"{where}: field '{RESPONSE}' must be a string")
     return text
 
 
@@ -68,19 +80,20 @@ def parse_response(record: object, path: str, line: int) -> Response:
     where = f"{path}:{line}"
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object")
-    prompt = record.get("input", record.get("prompt"))
+    prompt = record.get(INPUT, record.get(PROMPT))
     if isinstance(prompt, str):
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt or not all(isinstance(t, str) for t in prompt):
-        raise DataError(f"{where}: field 'input' (or 'prompt') must be a string or a non-empty list of strings")
-    if "input" not in record and len(prompt) % 2 == 0:
-        raise DataError(f"{where}: field 'prompt' has {len(prompt)} turns; it must end with the user")
-    if "input" not in record:  # a conversation prefix: the user turns are what identifies the prompt
+        raise DataError(f"{where}: field '{INPUT}' (or '{PROMPT}') must be a string or a non-empty list of "
+                        "strings")
+    if INPUT not in record and len(prompt) % 2 == 0:
+        raise DataError(f"{where}: field '{PROMPT}' has {len(prompt)} turns; it must end with the user")
+    if INPUT not in record:  # a conversation prefix: the user turns are what identifies the prompt
         prompt = prompt[::2] if len(prompt) > 1 else prompt
     return Response(tuple(prompt), _answer_text(record, prompt, where), where)
 
 
-def read_responses(path: str | pathlib.Path) -> dict[str, Response]:
+def read_responses(path: PathLike) -> dict[str, Response]:
     """{prompt key: Response}; a prompt that appears twice raises DataError naming both lines."""
     responses: dict[str, Response] = {}
     for line, record in iter_jsonl(path):
@@ -97,7 +110,7 @@ def pair_id(prompt_key: str) -> str:
     return hashlib.sha1(prompt_key.encode("utf-8")).hexdigest()[:12]
 
 
-def make_pairs(a_path: str | pathlib.Path, b_path: str | pathlib.Path) -> list[Pair]:
+def make_pairs(a_path: PathLike, b_path: PathLike) -> list[Pair]:
     """Pairs in A's file order; both files must answer exactly the same prompts."""
     a, b = read_responses(a_path), read_responses(b_path)
     for mine, other, other_path in ((a, b, b_path), (b, a, a_path)):
@@ -136,14 +149,16 @@ class JudgmentStore:
     the complete lines before it are never rewritten. Every line also holds `answers_sha` (see `check`).
     """
 
-    def __init__(self, path: str | pathlib.Path, a_name: str, b_name: str):
-        self.path = pathlib.Path(path)
+    def __init__(self, path: PathLike, a_name: str, b_name: str):
+        self.path = as_path(path)
         self.a_name, self.b_name = a_name, b_name
+        self._remote = is_remote(self.path)  # an object store: no append, each add rewrites the object
+        self._remote_data = b""
         self._judged_on: dict[str, tuple[int, str | None]] = {}  # pair_id -> (line, answers_sha) in the file
         self.records = self._load()
         self._done = {r["pair_id"] for r in self.records}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        self._file = None if self._remote else self.path.open("a", encoding="utf-8")
 
     def _load(self) -> list[dict]:
         if not self.path.is_file():
@@ -153,10 +168,18 @@ class JudgmentStore:
         if tail.strip():  # no final newline: a write interrupted by a crash
             try:
                 json.loads(tail)  # complete, only its newline is missing: add it
-                with self.path.open("ab") as f:
-                    f.write(b"\n")
+                if self._remote:
+                    data += b"\n"
+                else:
+                    with self.path.open("ab") as f:
+                        f.write(b"\n")
             except ValueError:  # cut short (maybe mid-character): cut it off, touching nothing before it
-                os.truncate(self.path, len(data) - len(tail))
+                data = data[:len(data) - len(tail)]
+                if not self._remote:
+                    os.truncate(os.fspath(self.path), len(data))
+            if self._remote:
+                self.path.write_bytes(data)
+        self._remote_data = data if self._remote else b""
         records = []
         for line, record in iter_jsonl(self.path):
             if not isinstance(record, dict) or record.get("winner") not in CHOICES or "pair_id" not in record:
@@ -187,9 +210,14 @@ class JudgmentStore:
             raise ValueError(f"winner={winner!r}: not one of {CHOICES}")
         record = {"pair_id": pair.pair_id, "prompt": list(pair.prompt), "answers_sha": pair.answers_sha,
                   "a_name": self.a_name, "b_name": self.b_name, "winner": winner, **fields, "time": _now()}
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        if self._remote:
+            self._remote_data += line.encode("utf-8")
+            self.path.write_bytes(self._remote_data)  # visible only once complete
+        else:
+            self._file.write(line)
+            self._file.flush()
+            os.fsync(self._file.fileno())
         self.records.append(record)
         self._done.add(pair.pair_id)
         return record
@@ -201,7 +229,8 @@ class JudgmentStore:
                 yield pair
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self) -> "JudgmentStore":
         return self
@@ -210,7 +239,7 @@ class JudgmentStore:
         self.close()
 
 
-def read_judgments(path: str | pathlib.Path) -> list[dict]:
+def read_judgments(path: PathLike) -> list[dict]:
     """Judgments of a file written by `JudgmentStore` (any systems), each checked; a pair judged twice by
     the same rater raises DataError naming both lines."""
     records, seen = [], {}

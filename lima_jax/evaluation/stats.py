@@ -3,9 +3,14 @@ agreement between two raters as the paper measures it (tie-discounted accuracy).
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
-import pathlib
 from typing import Sequence
+
+from etils import epath
+
+from lima_jax.errors import DataError
+from lima_jax.paths import PathLike, as_path
 
 Z_95 = 1.959963984540054
 
@@ -61,8 +66,9 @@ def table_markdown(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_outcomes(outcomes: Sequence[Outcome], path: str | pathlib.Path, title: str = "") -> pathlib.Path:
-    """Horizontal stacked bars, one per comparison: A wins | tie | A loses, like LIMA's Figure 1."""
+def plot_outcomes(outcomes: Sequence[Outcome], path: PathLike, title: str = "") -> epath.Path:
+    """Horizontal stacked bars, one per comparison: A wins | tie | A loses, like LIMA's Figure 1; written
+    to `path` (a local path or a gs:// URL, the format from its suffix, default PNG)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -85,10 +91,12 @@ def plot_outcomes(outcomes: Sequence[Outcome], path: str | pathlib.Path, title: 
     if title:
         ax.set_title(title, pad=28)
     fig.tight_layout()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    path = as_path(path)
+    image = io.BytesIO()
+    fig.savefig(image, format=path.suffix.lstrip(".").lower() or "png", dpi=120)
     plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(image.getvalue())
     return path
 
 
@@ -108,12 +116,12 @@ def agreement(first: Sequence[dict], second: Sequence[dict]) -> Agreement:
     a_name, b_name = first[0]["a_name"], first[0]["b_name"]
     names = {second[0]["a_name"], second[0]["b_name"]}
     if names != {a_name, b_name}:
-        raise ValueError(f"the raters judged different systems: {a_name} vs {b_name} and {sorted(names)}")
+        raise DataError(f"the raters judged different systems: {a_name} vs {b_name} and {sorted(names)}")
     swap = second[0]["a_name"] != a_name
     flip = {"a": "b", "b": "a", "tie": "tie"}
     theirs = {j["pair_id"]: flip[j["winner"]] if swap else j["winner"] for j in second}
     common = [(j["winner"], theirs[j["pair_id"]]) for j in first if j["pair_id"] in theirs]
     if not common:
-        raise ValueError("the two raters have no judged pair in common")
+        raise DataError("the two raters have no judged pair in common")
     points = [1.0 if x == y else 0.5 if "tie" in (x, y) else 0.0 for x, y in common]
     return Agreement(len(common), sum(points) / len(points), sum(x == y for x, y in common) / len(common))

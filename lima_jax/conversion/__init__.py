@@ -1,0 +1,58 @@
+"""Checkpoint interop: import pretrained LLaMA weights and export fine-tuned models to Hugging Face
+(the library behind `python -m lima_jax.convert`).
+
+An import writes a lima_jax parameter checkpoint (`params/` + `model.json`, see `lima_jax.checkpoint`) that
+`config.init_from` reads; the EOT row is added there, at the start of fine-tuning. `export_hf` reads such a
+folder, a training checkpoint (`workdir/checkpoints/<step>`) or a run (its chosen epoch, else its latest
+checkpoint: `rundir.resolve_checkpoint`) and writes a folder that `transformers.AutoModelForCausalLM` /
+`AutoTokenizer` load offline, with EOT as a special and stop token.
+
+Every reader turns its format into tensors named and laid out as in Hugging Face (`model.layers.0.self_attn
+.q_proj.weight`, torch [out, in]); one table (`params_table.PARAMS`) maps those to the lima_jax tree. RoPE:
+lima_jax and Hugging Face rotate the two *halves* of each head; Meta and llama2.c rotate interleaved *pairs*
+(2i, 2i+1). The q/k projections of an interleaved source are permuted into halves on import
+(`interleaved_to_halves`); nothing else needs to change, since permuting q and k alike leaves every attention
+score unchanged.
+
+Memory: a reader yields one tensor at a time and the checkpoint is written one parameter kind (e.g. all
+layers' w1) at a time, so peak host memory is about the largest stacked kind plus one source tensor. Inputs
+are validated (config fields, missing files, tensor shapes) before any tensor is read.
+
+Output: every command writes into a sibling `<output>.partial` and renames it onto the output only when
+complete (`output.atomic_folder`), so a crash never leaves a half-written folder there. An existing non-empty
+output is refused unless `overwrite`; the old folder is then deleted only after the new one is in place.
+Paths are `etils.epath` paths (`lima_jax.paths.as_path`): local, or gs:// URLs.
+
+Modules, one concern each:
+  rope              interleaved_to_halves / halves_to_interleaved
+  params_table      the Hugging Face name <-> lima_jax tree table
+  source            the Source protocol of readers, input checks, dtype names
+  safetensors_io    .safetensors header reader, tensor reads, writer
+  output            the atomic output folder and --overwrite
+  hf_reader         HuggingFaceSource, hf_config_to_model
+  meta_reader       MetaSource (params.json checks, model-parallel shard merging)
+  llama2c_reader    Llama2cSource
+  importer          check_source, import_checkpoint
+  tokenizer_export  write_hf_tokenizer, CHAT_TEMPLATE
+  hf_writer         export_hf and its parts (model_to_hf_config, hf_tensors, write_hf_weights, ...)
+"""
+from lima_jax.conversion.hf_reader import HuggingFaceSource, hf_config_to_model
+from lima_jax.conversion.hf_writer import (export_hf, export_tokenizer, hf_tensors, load_lima_params,
+                                           model_to_hf_config, run_of, write_hf_weights)
+from lima_jax.conversion.importer import check_source, import_checkpoint
+from lima_jax.conversion.llama2c_reader import Llama2cSource
+from lima_jax.conversion.meta_reader import MetaSource, meta_hidden_dim
+from lima_jax.conversion.output import atomic_folder, check_output
+from lima_jax.conversion.rope import halves_to_interleaved, interleaved_to_halves
+from lima_jax.conversion.safetensors_io import read_safetensors_header, read_tensor, write_safetensors
+from lima_jax.conversion.source import DTYPES, Source
+from lima_jax.conversion.tokenizer_export import CHAT_TEMPLATE, write_hf_tokenizer
+from lima_jax.errors import ConversionError
+
+__all__ = [
+    "CHAT_TEMPLATE", "DTYPES", "ConversionError", "HuggingFaceSource", "Llama2cSource", "MetaSource", "Source",
+    "atomic_folder", "check_output", "check_source", "export_hf", "export_tokenizer", "halves_to_interleaved",
+    "hf_config_to_model", "hf_tensors", "import_checkpoint", "interleaved_to_halves", "load_lima_params",
+    "meta_hidden_dim", "model_to_hf_config", "read_safetensors_header", "read_tensor", "run_of",
+    "write_hf_tokenizer", "write_hf_weights", "write_safetensors",
+]

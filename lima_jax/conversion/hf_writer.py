@@ -1,0 +1,158 @@
+"""Export: a lima_jax checkpoint (parameter folder, training step folder, or a run: see
+`rundir.resolve_checkpoint`) written as a Hugging Face LLaMA folder that `transformers` loads offline:
+safetensors weights (sharded above a size), config.json, generation_config.json and the tokenizer, with
+lima_jax's EOT as the special and stop token. The parameters are held once; tensors are streamed out."""
+from __future__ import annotations
+
+import json
+import math
+from typing import Callable, Iterator
+
+import numpy as np
+from etils import epath
+
+from lima_jax import rundir
+from lima_jax.config import ModelConfig, load_config_file
+from lima_jax.conversion.output import atomic_folder, check_output
+from lima_jax.conversion.params_table import hf_names, leaf, params_of
+from lima_jax.conversion.safetensors_io import write_safetensors
+from lima_jax.conversion.source import numpy_dtype, require
+from lima_jax.conversion.tokenizer_export import write_hf_tokenizer
+from lima_jax.errors import ConversionError
+from lima_jax.paths import PathLike, as_path
+from lima_jax.tokenizer import Tokenizer
+
+Checkpoint = PathLike | rundir.CheckpointChoice
+
+
+def model_to_hf_config(cfg: ModelConfig, dtype: str, bos_id: int, eos_id: int, pad_id: int | None) -> dict:
+    """A transformers LlamaConfig dict (written in the transformers 5 form, with `rope_theta` kept too
+    so transformers 4 reads the same value)."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id, "dtype": dtype,
+        "torch_dtype": dtype, "use_cache": True,
+    }
+
+
+def hf_tensors(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+    """(Hugging Face name, shape, producer of the torch-layout tensor) for every tensor, in file order."""
+    for param in params_of(cfg):
+        for layer, name in enumerate(hf_names(param, cfg)):
+            def produce(param=param, layer=layer):
+                value = np.asarray(leaf(params, param.path))
+                return param.to_hf(value[layer] if param.per_layer else value, cfg)
+            yield name, param.hf_shape(cfg), produce
+
+
+def write_hf_weights(folder: PathLike, params: dict, cfg: ModelConfig, dtype: np.dtype,
+                     max_shard_bytes: int) -> list[str]:
+    """model.safetensors, or model-0000K-of-0000N.safetensors + index when larger than `max_shard_bytes`."""
+    folder = as_path(folder)
+    entries = list(hf_tensors(params, cfg))
+    shards: list[list] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = math.prod(entry[1]) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    for file, shard in zip(names, shards):
+        producers = {name: produce for name, _, produce in shard}
+        write_safetensors(folder / file, [(name, shape, dtype) for name, shape, _ in shard],
+                          lambda name: producers[name]())
+    if len(shards) > 1:
+        total = sum(math.prod(shape) * dtype.itemsize for _, shape, _ in entries)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {name: file for file, shard in zip(names, shards) for name, _, _ in shard}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return names
+
+
+def _choice(checkpoint: Checkpoint) -> rundir.CheckpointChoice:
+    return checkpoint if isinstance(checkpoint, rundir.CheckpointChoice) else rundir.resolve_checkpoint(checkpoint)
+
+
+def load_lima_params(checkpoint: Checkpoint) -> tuple[dict, ModelConfig]:
+    """Parameters (numpy) and model config of a parameter checkpoint, a training checkpoint step folder, or
+    a training workdir (its chosen epoch, else the latest; see `rundir.resolve_checkpoint`)."""
+    try:
+        return rundir.load_checkpoint_params(_choice(checkpoint))
+    except FileNotFoundError as e:
+        raise ConversionError(str(e)) from None
+
+
+def run_of(choice: rundir.CheckpointChoice) -> rundir.RunDir | None:
+    """The training run a checkpoint belongs to (`<run>/checkpoints/<step>` with `<run>/config.json`), or None."""
+    folder = choice.folder
+    if choice.kind != "train" or folder.parent.name != rundir.CHECKPOINTS:
+        return None
+    run = rundir.RunDir(folder.parent.parent)
+    return run if run.config.is_file() else None
+
+
+def export_tokenizer(checkpoint: Checkpoint, tokenizer: PathLike | None = None) -> tuple[epath.Path, str]:
+    """(the sentencepiece model to export with `checkpoint`, where it came from): `tokenizer` when given,
+    else `config.tokenizer.path` of the training run the checkpoint belongs to."""
+    if tokenizer is not None:
+        return as_path(tokenizer), "given (--tokenizer)"
+    choice = _choice(checkpoint)
+    run = run_of(choice)
+    require(run is not None, choice.folder, "no --tokenizer given, and this is not a checkpoint of a training run "
+            "with a config.json to take config.tokenizer.path from: pass --tokenizer")
+    config = load_config_file(run.config)
+    path = config.get("tokenizer", {}).get("path")
+    require(bool(path), run.config, "tokenizer.path is not set: pass --tokenizer")
+    require(as_path(path).is_file(), run.config, f"tokenizer.path={path} not found (a relative path is taken "
+            "from the current directory): pass --tokenizer")
+    return as_path(path), f"config.tokenizer.path of the run's {run.config}"
+
+
+def _open_tokenizer(path: epath.Path) -> Tokenizer:
+    require(path.is_file(), path, "sentencepiece model not found (--tokenizer)")
+    try:
+        return Tokenizer(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConversionError(str(e)) from None
+
+
+def export_hf(checkpoint: Checkpoint, tokenizer_path: PathLike | None, output: PathLike, dtype: str | None = None,
+              max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> ModelConfig:
+    """Writes a Hugging Face LLaMA folder (weights, config, tokenizer, generation config) for a lima_jax
+    checkpoint (a path, or a `rundir.CheckpointChoice`). Without `tokenizer_path` the tokenizer is the one of
+    the checkpoint's training run (`export_tokenizer`). When the vocabulary includes lima_jax's EOT
+    (sentencepiece size + 1), EOT becomes the tokenizer's special `<eot>`, the eos token and the generation
+    stop token.
+
+    The folder is written atomically (see `output.atomic_folder`): an existing non-empty `output` is refused
+    unless `overwrite`, and is then replaced as a whole, so no file of an earlier export survives."""
+    choice = _choice(checkpoint)
+    tokenizer_path, _ = export_tokenizer(choice, tokenizer_path)
+    tok = _open_tokenizer(tokenizer_path)  # fails early, before the weights are read
+    given = None if isinstance(checkpoint, rundir.CheckpointChoice) else checkpoint
+    inputs = [given, choice.folder, tokenizer_path]
+    check_output(output, overwrite, inputs)  # likewise (creates nothing)
+    params, cfg = load_lima_params(choice)
+    has_eot = cfg.vocab_size == tok.vocab_size
+    if not has_eot and cfg.vocab_size != tok.eot_id:
+        raise ConversionError(f"{choice.folder}: model vocabulary {cfg.vocab_size} matches neither the tokenizer "
+                              f"{tokenizer_path} ({tok.eot_id} pieces) nor it plus EOT ({tok.vocab_size})")
+    dtype = dtype or cfg.param_dtype
+    stop_id = tok.eot_id if has_eot else tok.eos_id
+    hf_config = model_to_hf_config(cfg, dtype, tok.bos_id, stop_id, None)
+    generation = {"bos_token_id": tok.bos_id, "eos_token_id": stop_id, "do_sample": False}
+    with atomic_folder(output, overwrite, inputs) as folder:
+        write_hf_weights(folder, params, cfg, numpy_dtype(dtype), max_shard_bytes)
+        (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        write_hf_tokenizer(tok, folder, with_eot=has_eot)
+    return cfg

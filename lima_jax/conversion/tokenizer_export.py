@@ -1,0 +1,83 @@
+"""The Hugging Face tokenizer of an export: a `tokenizers` BPE built from the sentencepiece model that encodes
+exactly as sentencepiece does, with lima_jax's EOT as a special token and a chat template for its turn format."""
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from etils import epath
+
+from lima_jax.conversion.source import require
+from lima_jax.paths import as_path
+from lima_jax.tokenizer import EOT_PIECE, Tokenizer
+
+_SP_NORMAL, _SP_USER_DEFINED, _SP_BPE = 1, 4, 2
+CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}<eot>{% endfor %}"
+
+
+def _bpe_merges(pieces: Sequence[Any]) -> list[tuple[str, str]]:
+    """Merge rules that make Hugging Face's rank-based BPE pick what sentencepiece's score-based BPE picks:
+    a pair ranks by the score of the piece it forms (higher first)."""
+    mergeable = {p.piece: (-p.score, i) for i, p in enumerate(pieces) if p.type == _SP_NORMAL}
+    ranked = []
+    for piece, rank in mergeable.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in mergeable and right in mergeable:
+                ranked.append((rank, mergeable[left][1], mergeable[right][1], left, right))
+    return [(left, right) for *_, left, right in sorted(ranked)]
+
+
+def write_hf_tokenizer(tok: Tokenizer, folder: epath.Path, with_eot: bool) -> None:
+    """tokenizer.json (+ config) reproducing the sentencepiece BPE encoding exactly: same normalization
+    (charsmap, whitespace, dummy prefix), byte fallback, BOS added; `<eot>` special when `with_eot`, with a
+    chat template that yields `Tokenizer.encode_dialog`'s ids."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex, decoders, normalizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE
+
+    folder = as_path(folder)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(as_path(tok.path).read_bytes())
+    require(proto.trainer_spec.model_type == _SP_BPE, tok.path, f"trainer_spec.model_type="
+            f"{proto.trainer_spec.model_type}: only BPE sentencepiece models (LLaMA's kind) can be exported")
+    require(not any(p.type == _SP_USER_DEFINED for p in proto.pieces), tok.path,
+            "user-defined pieces are not supported")
+    require(not proto.trainer_spec.treat_whitespace_as_suffix, tok.path, "treat_whitespace_as_suffix=true "
+            "is not supported")
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    unk = proto.pieces[proto.trainer_spec.unk_id].piece
+    hf = HFTokenizer(BPE(vocab=vocab, merges=_bpe_merges(proto.pieces), unk_token=unk, fuse_unk=True,
+                         byte_fallback=proto.trainer_spec.byte_fallback))
+    spec = proto.normalizer_spec
+    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    if spec.remove_extra_whitespaces:  # strip and collapse spaces; \A and \z, as ^ and $ match at every line
+        steps += [normalizers.Replace(Regex(r"\A +"), ""), normalizers.Replace(Regex(r" +\z"), ""),
+                  normalizers.Replace(Regex(" {2,}"), " ")]
+    if spec.add_dummy_prefix:
+        steps.append(normalizers.Prepend(" "))
+    if spec.escape_whitespaces:
+        steps.append(normalizers.Replace(" ", "\u2581"))
+    hf.normalizer = normalizers.Sequence(steps)
+    decode = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if spec.add_dummy_prefix:
+        decode.append(decoders.Strip(" ", 1, 0))
+    hf.decoder = decoders.Sequence(decode)
+    bos = proto.pieces[tok.bos_id].piece
+    eos = proto.pieces[tok.eos_id].piece
+    specials = [unk, bos, eos] + ([EOT_PIECE] if with_eot else [])
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if with_eot:
+        require(hf.token_to_id(EOT_PIECE) == tok.eot_id, tok.path, "EOT id mismatch")
+    hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                      special_tokens=[(bos, tok.bos_id)])
+    (folder / "tokenizer.json").write_text(hf.to_str(pretty=True), encoding="utf-8")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "unk_token": unk,
+              "eos_token": EOT_PIECE if with_eot else eos, "add_bos_token": True, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000}
+    if with_eot:
+        config["chat_template"] = CHAT_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    special_map = {k: config[k] for k in ("bos_token", "eos_token", "unk_token")}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))

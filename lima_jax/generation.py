@@ -1,0 +1,338 @@
+"""Batched sampling from a lima_jax model under jit, with a key/value cache, on the training mesh.
+
+LIMA's decoding is the default: nucleus sampling p=0.9, temperature 0.7, a repetition penalty of 1.2 on
+tokens *generated so far* (never the prompt's), at most 2,048 new tokens, stop at EOT. Prompts are
+encoded with `Tokenizer.encode_dialog`, the same turn format as training, and end with the user's EOT;
+the model then writes the assistant turn.
+
+Padding: prompts of different lengths share a batch *right-padded*. Every row keeps its own KV-cache
+write index (`model._update_kv_cache`), so a row's tokens fill cache slots 0, 1, 2, ... with RoPE
+positions equal to the slot, exactly as in a training row; no position offsets are needed and padding
+(segment 0) is never attended to. After the prompt pass each row's index is set to its own prompt
+length, so the first generated token overwrites the row's first padding slot.
+
+Prompt and answer files: see `lima_jax.records`. MT-Bench / Vicuna question files (`{"turns": [q1, q2, ...]}`)
+are answered round by round: q2 is asked after the model's own answer to q1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+import ml_collections
+
+from lima_jax import runtime, sharding
+from lima_jax.config import ModelConfig
+from lima_jax.errors import ConfigError, DataError
+from lima_jax.model import KV_CACHE_AXES, Llama, init_kv_cache
+from lima_jax.records import STOP_REASONS, PromptRecord, answer_record
+from lima_jax.rundir import CheckpointChoice
+from lima_jax.tokenizer import Tokenizer
+
+_RUNNING, _EOT, _EOS, _MAX_NEW, _CONTEXT = range(len(STOP_REASONS))
+_LENGTH_BUCKET = 32  # prompt batches are padded to a multiple of this: few distinct shapes to compile
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Decoding settings; the defaults are LIMA's (section 2 of the paper)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.2
+    max_new_tokens: int = 2048
+    greedy: bool = False
+    seed: int = 0
+    stop_at_eot: bool = True  # False only for benchmarks that must decode a fixed number of tokens
+
+    def validate(self) -> None:
+        if not self.greedy and self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature}: must be > 0 (use --greedy for argmax decoding)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p}: must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty={self.repetition_penalty}: must be > 0 (1 = off)")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """CTRL's penalty on the ids in `seen` ([b, V] bool: generated so far): positive logits are divided by
+    `penalty`, negative ones multiplied, so a repeated token always becomes less likely."""
+    if penalty == 1.0:
+        return logits
+    penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def top_p_mask(logits: jax.Array, top_p: float) -> jax.Array:
+    """[b, V] bool: the nucleus, the smallest set of most likely tokens whose probability reaches `top_p`
+    (the most likely token is always in it)."""
+    order = jnp.argsort(-logits, axis=-1)
+    probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return jnp.zeros_like(keep_sorted).at[rows, order].set(keep_sorted)
+
+
+def sampling_logits(logits: jax.Array, seen: jax.Array, settings: SamplingConfig) -> jax.Array:
+    """Repetition penalty, then temperature and the nucleus (-inf outside it), in Hugging Face's order."""
+    logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, settings.repetition_penalty)
+    if settings.greedy:
+        return logits
+    logits = logits / settings.temperature
+    return jnp.where(top_p_mask(logits, settings.top_p), logits, -jnp.inf)
+
+
+def choose_tokens(logits: jax.Array, seen: jax.Array, keys: jax.Array, settings: SamplingConfig) -> jax.Array:
+    """One token per row: argmax when greedy, else a draw from the row's own key."""
+    logits = sampling_logits(logits, seen, settings)
+    if settings.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------- decode loop
+
+
+def _constrain_cache(cache: dict) -> dict:
+    return {k: nn.with_logical_constraint(v, KV_CACHE_AXES[k]) for k, v in cache.items()}
+
+
+def decode(params: Any, tokens: jax.Array, lengths: jax.Array, limits: jax.Array, row_ids: jax.Array,
+           seed: jax.Array, *, model: Llama, settings: SamplingConfig, stop_ids: tuple[int, int],
+           cache_len: int, use_cache: bool = True) -> dict[str, jax.Array]:
+    """Generates up to `limits[r]` tokens after each right-padded prompt row (jit this, static after `*`).
+
+    tokens [b, T] with row r's prompt in tokens[r, :lengths[r]]. Row r draws from keys derived from
+    (seed, row_ids[r], step), so its answer does not depend on which rows share its batch. Without the
+    cache every step reruns the full forward pass over a [b, cache_len] buffer (the reference and the
+    benchmark baseline). Returns generated [b, max_new_tokens] (valid up to num_generated, stop token
+    included), num_generated [b] and stop_reason [b] (index into STOP_REASONS).
+    """
+    b, prompt_len = tokens.shape
+    cfg: ModelConfig = model.cfg
+    steps = settings.max_new_tokens
+    eot_id, eos_id = stop_ids
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(row_ids)
+    segments = (jnp.arange(prompt_len)[None, :] < lengths[:, None]).astype(jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(prompt_len), tokens.shape)
+    full_positions = jnp.broadcast_to(jnp.arange(cache_len), (b, cache_len))
+
+    def forward(*args, **kwargs):
+        return model.apply({"params": params}, *args, deterministic=True, **kwargs)
+
+    if use_cache:
+        cache = _constrain_cache(init_kv_cache(cfg, b, cache_len))
+        logits, cache = forward(tokens, segments, positions, kv_cache=cache)
+        cache["index"] = jnp.broadcast_to(lengths, cache["index"].shape).astype(jnp.int32)
+        memory = _constrain_cache(cache)
+    else:
+        pad = cache_len - prompt_len
+        memory = {"tokens": jnp.pad(tokens, ((0, 0), (0, pad))), "segment_ids": jnp.pad(segments, ((0, 0), (0, pad)))}
+        logits, _ = forward(memory["tokens"], memory["segment_ids"], full_positions)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
+    def emit(step, token_logits, state):
+        """Chooses token `step` for every row from its logits and records it and why a row stopped."""
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+        token = choose_tokens(token_logits, state["seen"], keys, settings)
+        running = state["reason"] == _RUNNING
+        count = step + 1
+        if settings.stop_at_eot:
+            reason = jnp.where(token == eot_id, _EOT, jnp.where(token == eos_id, _EOS, _RUNNING))
+        else:
+            reason = jnp.full_like(token, _RUNNING)
+        # a row's limit is below max_new_tokens only when the context (model.max_seq_len) is the bound
+        reason = jnp.where((reason == _RUNNING) & (count >= limits),
+                           jnp.where(limits < steps, _CONTEXT, _MAX_NEW), reason)
+        rows = jnp.arange(b)
+        return {
+            "token": token,
+            "generated": state["generated"].at[:, step].set(jnp.where(running, token, 0)),
+            "seen": state["seen"].at[rows, token].set(state["seen"][rows, token] | running),
+            "num_generated": jnp.where(running, count, state["num_generated"]),
+            "reason": jnp.where(running, reason, state["reason"]),
+        }
+
+    state = emit(0, last, {
+        "generated": jnp.zeros((b, steps), jnp.int32),
+        "seen": nn.with_logical_constraint(jnp.zeros((b, cfg.vocab_size), bool), ("batch", None)),
+        "num_generated": jnp.zeros((b,), jnp.int32),
+        "reason": jnp.zeros((b,), jnp.int32),
+    })
+
+    def cond(carry):
+        step, state, _ = carry
+        return (step < steps) & jnp.any(state["reason"] == _RUNNING)
+
+    def body(carry):
+        step, state, memory = carry
+        slot = jnp.minimum(lengths + step - 1, cache_len - 1)  # where the previous token goes
+        if use_cache:
+            logits, memory = forward(state["token"][:, None], jnp.ones((b, 1), jnp.int32), slot[:, None],
+                                     kv_cache=memory)
+            memory = _constrain_cache(memory)
+            token_logits = logits[:, 0]
+        else:
+            rows = jnp.arange(b)
+            memory = {"tokens": memory["tokens"].at[rows, slot].set(state["token"]),
+                      "segment_ids": memory["segment_ids"].at[rows, slot].set(1)}
+            logits, _ = forward(memory["tokens"], memory["segment_ids"], full_positions)
+            token_logits = jnp.take_along_axis(logits, slot[:, None, None], axis=1)[:, 0]
+        return step + 1, emit(step, token_logits, state), memory
+
+    _, state, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), state, memory))
+    return {"generated": state["generated"], "num_generated": state["num_generated"], "reason": state["reason"]}
+
+
+# ----------------------------------------------------------------------------------------- generator
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One generated answer: ids exclude the stop token."""
+
+    ids: list[int]
+    text: str
+    prompt_tokens: int
+    stop_reason: str
+
+    @property
+    def response_tokens(self) -> int:
+        return len(self.ids)
+
+
+def _ceil_to(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+class Generator:
+    """Batched generation with one model's parameters (already placed on `mesh`, e.g. the train state's).
+
+    Prompts are sorted by length and cut into batches of `batch_size` rows (rounded up to a multiple of the
+    mesh's data-parallel ways), so rows of similar length share a batch.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, params: Any, tokenizer: Tokenizer, mesh: Mesh, rules,
+                 batch_size: int = 8, use_cache: bool = True):
+        self.model = Llama(model_cfg)
+        self.cfg = model_cfg
+        self.params = params
+        self.tokenizer = tokenizer
+        self.mesh = mesh
+        self.rules = rules
+        self.use_cache = use_cache
+        data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.batch_size = _ceil_to(max(batch_size, 1), data_ways)
+        self._batch_sharding = sharding.batch_sharding(mesh, rules)
+        self._row_sharding = sharding.logical_sharding(mesh, rules, ("batch",))
+        self._replicated = sharding.replicated(mesh)
+
+    @functools.lru_cache(maxsize=16)
+    def _compiled(self, settings: SamplingConfig, cache_len: int):
+        fn = functools.partial(decode, model=self.model, settings=settings, cache_len=cache_len,
+                               stop_ids=(self.tokenizer.eot_id, self.tokenizer.eos_id), use_cache=self.use_cache)
+        return jax.jit(fn, out_shardings=self._replicated)
+
+    def _put(self, array: np.ndarray, target: jax.sharding.Sharding) -> jax.Array:
+        return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+
+    def check_prompt_length(self, num_tokens: int, where: str) -> None:
+        if num_tokens >= self.cfg.max_seq_len:
+            raise DataError(f"{where}: the prompt is {num_tokens} tokens; model.max_seq_len={self.cfg.max_seq_len} "
+                            "leaves no room for an answer")
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], settings: SamplingConfig,
+                     row_ids: Sequence[int] | None = None) -> list[Completion]:
+        """Completions of token-id prompts, in input order. `row_ids` (default 0..n-1) seed each row."""
+        settings.validate()
+        row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+        for i, ids in enumerate(prompts):
+            self.check_prompt_length(len(ids), f"prompt {i}")
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[Completion | None] = [None] * len(prompts)
+        static = dataclasses.replace(settings, seed=0)
+        with sharding.activate(self.mesh, self.rules):
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                for i, completion in zip(chunk, self._generate_batch([prompts[i] for i in chunk],
+                                                                     [row_ids[i] for i in chunk], static,
+                                                                     settings.seed)):
+                    results[i] = completion
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, prompts: list[Sequence[int]], row_ids: list[int], settings: SamplingConfig,
+                        seed: int) -> list[Completion]:
+        n, b = len(prompts), self.batch_size
+        longest = max(len(p) for p in prompts)
+        prompt_len = min(_ceil_to(longest, _LENGTH_BUCKET), self.cfg.max_seq_len)
+        cache_len = min(prompt_len + settings.max_new_tokens, self.cfg.max_seq_len)
+        tokens = np.zeros((b, prompt_len), np.int32)
+        lengths = np.ones((b,), np.int32)  # filler rows: a lone BOS, answer discarded
+        tokens[n:, 0] = self.tokenizer.bos_id
+        for r, ids in enumerate(prompts):
+            tokens[r, :len(ids)] = ids
+            lengths[r] = len(ids)
+        limits = np.minimum(settings.max_new_tokens, self.cfg.max_seq_len - lengths).astype(np.int32)
+        limits[n:] = 1  # filler rows stop at once so they never keep the loop going
+        ids = np.asarray(row_ids + [0] * (b - n), np.int32)
+        out = self._compiled(settings, cache_len)(
+            self.params, self._put(tokens, self._batch_sharding), self._put(lengths, self._row_sharding),
+            self._put(limits, self._row_sharding), self._put(ids, self._row_sharding), jnp.int32(seed))
+        out = jax.device_get(out)
+        completions = []
+        for r in range(n):
+            reason = STOP_REASONS[int(out["reason"][r])]
+            count = int(out["num_generated"][r])
+            answer = [int(t) for t in out["generated"][r, :count]]
+            if reason in ("eot", "eos"):
+                answer = answer[:-1]
+            completions.append(Completion(answer, self.tokenizer.decode(answer), len(prompts[r]), reason))
+        return completions
+
+
+def answer_prompts(generator: Generator, prompts: Sequence[PromptRecord], settings: SamplingConfig) -> list[dict]:
+    """Answers every prompt (all rounds of multi-turn questions, batched per round); output records."""
+    tokenizer = generator.tokenizer
+    conversations = [list(p.turns) for p in prompts]
+    history: list[list[Completion]] = [[] for _ in prompts]
+    for round_index in range(1 + max(len(p.followups) for p in prompts)):
+        active = [i for i, p in enumerate(prompts) if len(p.followups) >= round_index]
+        if round_index:
+            for i in active:
+                conversations[i] += [history[i][-1].text, prompts[i].followups[round_index - 1]]
+        ids = {i: tokenizer.encode_dialog(conversations[i]).ids for i in active}
+        # First rounds were checked up front (check_prompts_fit); a later round that outgrew the context
+        # is answered with nothing and stop reason "context" rather than failing after hours of decoding.
+        fits = [i for i in active if len(ids[i]) < generator.cfg.max_seq_len]
+        for i in set(active) - set(fits):
+            history[i].append(Completion([], "", len(ids[i]), "context"))
+        row_ids = [i + round_index * len(prompts) for i in fits]  # a fresh random stream per round
+        if fits:
+            for i, completion in zip(fits, generator.generate_ids([ids[i] for i in fits], settings, row_ids)):
+                history[i].append(completion)
+    return [answer_record(p, conv, [c.text for c in rounds], rounds[-1].prompt_tokens, rounds[-1].response_tokens,
+                          rounds[-1].stop_reason) for p, conv, rounds in zip(prompts, conversations, history)]
+
+
+def build_generator(config: ml_collections.ConfigDict, choice: CheckpointChoice, batch_size: int,
+                    use_cache: bool = True) -> Generator:
+    """Tokenizer, mesh and a checkpoint's parameters (checked against `config`'s model) in a Generator."""
+    rt = runtime.build(config)
+    params = runtime.load_params(choice, rt)
+    return Generator(rt.model_cfg, params, rt.tokenizer, rt.mesh, rt.rules, batch_size, use_cache)

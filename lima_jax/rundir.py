@@ -1,0 +1,240 @@
+"""The run directory (`config.workdir`): the one place that names its files and folders, and that decides which
+checkpoint a tool uses.
+
+  WORKDIR/
+    config.json            the run's full config (what `generate`, `report` and `convert to_hf` read)
+    checkpoints/<step>/    training checkpoints: state/ + meta/ (lima_jax.checkpoint.TrainCheckpoints)
+    metrics.jsonl          one JSON object per logged step
+    tensorboard/           TensorBoard event files
+    dev_reports/epoch_NNN.jsonl   dev-set answers per epoch
+    dev_report.html / .md  the answers of all epochs side by side
+    chosen_epoch.json      the epoch a person chose (`python -m lima_jax.report choose`)
+    layouts/               `python -m lima_jax.layouts` output
+
+Paths are `etils.epath` paths: a local folder or a `gs://` URL.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+from typing import Any
+
+from absl import logging
+from etils import epath
+
+from lima_jax.checkpoint import (TrainCheckpoints, is_params_checkpoint, is_train_step_folder, read_params_meta,
+                                 read_train_meta, restore_params, restore_train_params)
+from lima_jax.config import ModelConfig
+from lima_jax.errors import CheckpointError
+from lima_jax.paths import PathLike, as_path, atomic_write_text
+
+CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+DEV_REPORTS = "dev_reports"
+DEV_REPORT_HTML = "dev_report.html"
+DEV_REPORT_MD = "dev_report.md"
+CHOSEN_EPOCH = "chosen_epoch.json"
+LAYOUTS = "layouts"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory."""
+
+    root: epath.Path
+
+    @classmethod
+    def at(cls, workdir: PathLike) -> "RunDir":
+        return cls(as_path(workdir))
+
+    @property
+    def config(self) -> epath.Path:
+        return self.root / CONFIG
+
+    @property
+    def checkpoints(self) -> epath.Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def metrics(self) -> epath.Path:
+        return self.root / METRICS
+
+    @property
+    def tensorboard(self) -> epath.Path:
+        return self.root / TENSORBOARD
+
+    @property
+    def dev_reports(self) -> epath.Path:
+        return self.root / DEV_REPORTS
+
+    def epoch_answers(self, epoch: int) -> epath.Path:
+        return self.dev_reports / f"epoch_{epoch:03d}.jsonl"
+
+    @property
+    def dev_report_html(self) -> epath.Path:
+        return self.root / DEV_REPORT_HTML
+
+    @property
+    def dev_report_md(self) -> epath.Path:
+        return self.root / DEV_REPORT_MD
+
+    @property
+    def chosen_epoch(self) -> epath.Path:
+        return self.root / CHOSEN_EPOCH
+
+    @property
+    def layouts(self) -> epath.Path:
+        return self.root / LAYOUTS
+
+    def step_folder(self, step: int) -> epath.Path:
+        return self.checkpoints / str(step)
+
+    def is_run(self) -> bool:
+        return self.checkpoints.is_dir()
+
+
+# ------------------------------------------------------------------------------------ epochs and the marker
+
+
+def epoch_checkpoint_steps(workdir: PathLike) -> dict[int, int]:
+    """{epoch: step} of the end-of-epoch training checkpoints of a run."""
+    run = RunDir.at(workdir)
+    if not run.checkpoints.is_dir():
+        raise CheckpointError(f"{run.checkpoints}: no training checkpoints here")
+    checkpoints = TrainCheckpoints(run.checkpoints)
+    try:
+        steps = {}
+        for step in checkpoints.all_steps():
+            meta = checkpoints.read_meta(step)
+            if meta.get("end_of_epoch"):
+                steps[int(meta["epoch"])] = step
+        return steps
+    finally:
+        checkpoints.close()
+
+
+def mark_chosen_epoch(workdir: PathLike, epoch: int, note: str = "") -> dict:
+    """Writes `chosen_epoch.json` for `epoch`'s end-of-epoch checkpoint (which must exist)."""
+    run = RunDir.at(workdir)
+    steps = epoch_checkpoint_steps(run.root)
+    if epoch not in steps:
+        raise CheckpointError(f"{run.root}: no end-of-epoch checkpoint for epoch {epoch}; have epochs {sorted(steps)}")
+    marker = {"epoch": epoch, "step": steps[epoch], "checkpoint": f"{CHECKPOINTS}/{steps[epoch]}", "note": note,
+              "chosen_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    atomic_write_text(run.chosen_epoch, json.dumps(marker, indent=2) + "\n")
+    return marker
+
+
+def read_chosen_epoch(workdir: PathLike) -> dict | None:
+    """The marker written by `mark_chosen_epoch`, or None when no epoch was chosen."""
+    path = RunDir.at(workdir).chosen_epoch
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+        int(marker["epoch"]), str(marker["checkpoint"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed chosen-epoch marker ({e}); rewrite it with "
+                              "`python -m lima_jax.report choose`") from None
+    return marker
+
+
+def chosen_checkpoint(workdir: PathLike) -> epath.Path | None:
+    """The checkpoint folder of the chosen epoch, or None if none was chosen; CheckpointError if it is gone."""
+    marker = read_chosen_epoch(workdir)
+    if marker is None:
+        return None
+    run = RunDir.at(workdir)
+    folder = run.root / marker["checkpoint"]
+    if not folder.is_dir():
+        raise CheckpointError(f"{run.chosen_epoch}: epoch {marker['epoch']} points at {folder}, which does not exist")
+    return folder
+
+
+# ------------------------------------------------------------------------------------- which checkpoint
+
+
+def run_config_of(path: PathLike) -> epath.Path | None:
+    """The `config.json` of the run that `path` (a run directory or one of its step folders) belongs to."""
+    path = as_path(path)
+    for root in (path, path.parent.parent):
+        if RunDir(root).config.is_file():
+            return RunDir(root).config
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointChoice:
+    """The checkpoint a tool uses and why: `kind` "train" (a step folder) or "params" (a parameter folder);
+    `reason` "chosen" (the run's chosen epoch), "latest" (no epoch chosen) or "given" (named directly)."""
+
+    kind: str
+    folder: epath.Path
+    reason: str
+    step: int | None = None
+    epoch: int | None = None
+
+    def describe(self) -> str:
+        where = ", ".join(f"{k} {v}" for k, v in (("step", self.step), ("epoch", self.epoch)) if v is not None)
+        why = {"chosen": "the run's chosen epoch (chosen_epoch.json)",
+               "latest": "the latest checkpoint: no epoch chosen (python -m lima_jax.report choose)",
+               "given": "named directly"}[self.reason]
+        kind = "training checkpoint" if self.kind == "train" else "parameter checkpoint"
+        return f"{kind} {self.folder}{f' ({where})' if where else ''}: {why}"
+
+
+def resolve_checkpoint(path: PathLike) -> CheckpointChoice:
+    """The checkpoint `path` stands for: a parameter checkpoint (model.json + params/), a training step folder
+    (state/ + meta/), or a run directory: its chosen epoch, else its latest checkpoint."""
+    path = as_path(path)
+    if is_params_checkpoint(path):
+        return CheckpointChoice("params", path, "given")
+    if is_train_step_folder(path):
+        return _with_meta(CheckpointChoice("train", path, "given", step=_step_of(path)))
+    run = RunDir(path)
+    if run.is_run():
+        marker = read_chosen_epoch(path)
+        chosen = chosen_checkpoint(path)
+        if chosen is not None:
+            return CheckpointChoice("train", chosen, "chosen", step=int(marker["step"]), epoch=int(marker["epoch"]))
+        manager = TrainCheckpoints(run.checkpoints)
+        try:
+            latest = manager.latest_step()
+        finally:
+            manager.close()
+        if latest is not None:
+            return _with_meta(CheckpointChoice("train", run.step_folder(latest), "latest", step=latest))
+    raise CheckpointError(f"{path}: not a training workdir (checkpoints/), a training checkpoint step folder "
+                          "(state/ + meta/) or a parameter checkpoint (model.json + params/)")
+
+
+def _step_of(folder: epath.Path) -> int | None:
+    return int(folder.name) if folder.name.isdigit() else None
+
+
+def _with_meta(choice: CheckpointChoice) -> CheckpointChoice:
+    """`choice` with the epoch its meta item records."""
+    try:
+        meta = read_train_meta(choice.folder)
+    except CheckpointError as e:
+        logging.warning("%s", e)
+        return choice
+    return dataclasses.replace(choice, epoch=meta.get("epoch"), step=meta.get("step", choice.step))
+
+
+def stored_model_config(choice: CheckpointChoice) -> dict:
+    """The model config saved with a checkpoint, read without loading weights."""
+    if choice.kind == "params":
+        return read_params_meta(choice.folder)["model"]
+    return read_train_meta(choice.folder)["model"]
+
+
+def load_checkpoint_params(choice: CheckpointChoice, abstract_params: Any = None) -> tuple[Any, ModelConfig]:
+    """(params, ModelConfig) of a checkpoint; with `abstract_params` (ShapeDtypeStructs with shardings)
+    straight onto the mesh, cast to their dtypes; without, as numpy arrays. Never reads optimizer state."""
+    if choice.kind == "train":
+        return restore_train_params(choice.folder, abstract_params)
+    return restore_params(choice.folder, abstract_params), ModelConfig(**read_params_meta(choice.folder)["model"])

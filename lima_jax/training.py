@@ -1,0 +1,201 @@
+"""The LIMA training loop: data -> steps -> metrics -> a checkpoint per epoch -> end-of-epoch hooks.
+
+Runs `train.num_epochs` epochs over the data, writes a checkpoint at the end of every epoch (all kept, since
+LIMA picks the epoch by reading dev-set answers), and resumes from the latest checkpoint in the workdir when
+restarted, at the exact batch it stopped before. Every host of a pod slice runs the same loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from lima_jax import checkpoint, data, distributed, runtime, sharding
+from lima_jax.config import ModelConfig, validate
+from lima_jax.errors import ConfigError, TrainingDiverged
+from lima_jax.metrics import MetricsWriter
+from lima_jax.optim import learning_rate_schedule, make_optimizer
+from lima_jax.paths import atomic_write_text
+from lima_jax.rundir import RunDir
+from lima_jax.train_step import TrainState, jit_train_step
+
+
+@dataclasses.dataclass
+class Position:
+    """Where training stands: the next epoch (1-based) and the number of its batches already done."""
+
+    epoch: int = 1
+    batches_done: int = 0
+    step: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochEnd:
+    """What an end-of-epoch hook gets: the epoch just finished (its checkpoint written), the state, the
+    runtime it lives on, the metrics writer, and `resumed` when a restarted run calls the hook again for the
+    epoch it resumed after (the interrupted run may have stopped inside the hook)."""
+
+    epoch: int
+    state: TrainState
+    rt: runtime.Runtime
+    writer: MetricsWriter
+    resumed: bool = False
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+
+EpochHook = Callable[[EpochEnd], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything checked before anything is compiled: the runtime and the training examples."""
+
+    rt: runtime.Runtime
+    report: data.LoadReport
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+    """Validates everything cheap first (config, tokenizer, mesh, init_from, data), before any compilation."""
+    validate(config)
+    rt = runtime.build(config)
+    if config.init_from and not checkpoint.has_train_checkpoints(RunDir.at(config.workdir).checkpoints):
+        runtime.check_init_from(config, rt.model_cfg)
+    report = data.load_examples(config.data.train_path, rt.tokenizer, config.data.max_len, config.data.loss_on,
+                                config.data.on_bad_example)
+    return Setup(rt, report)
+
+
+def check_schedule_length(meta: dict, total_steps: int, where: str) -> None:
+    """A resumed run must keep the learning-rate schedule it started with (same total steps)."""
+    if meta.get("total_steps", total_steps) != total_steps:
+        raise ConfigError(f"{where}: this run was started for {meta['total_steps']} steps, the config now gives "
+                          f"{total_steps} (train.num_epochs / batch_size / data changed): resuming would bend the "
+                          "learning-rate schedule. Start a new workdir with --config.init_from=<this workdir>.")
+
+
+def position_after(meta: dict, steps_per_epoch: int) -> Position:
+    if meta["batches_done"] >= steps_per_epoch:
+        return Position(meta["epoch"] + 1, 0, meta["step"])
+    return Position(meta["epoch"], meta["batches_done"], meta["step"])
+
+
+def train(config: ml_collections.ConfigDict, after_epoch: EpochHook | None = None) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics. `after_epoch(EpochEnd)` runs after each
+    epoch's checkpoint is written (e.g. the dev-set report)."""
+    # Check everything cheap before compiling: config, tokenizer, mesh, init_from, data.
+    ready = setup(config)
+    rt, examples = ready.rt, ready.report.examples
+    run = RunDir.at(config.workdir)
+
+    # The epoch plan: rows per epoch, steps, and a signature of the data order for exact resumes.
+    layout = data.row_layout(examples, config.data.max_len, config.data.packing)
+    logging.info("%s", layout.describe())
+    steps_per_epoch = data.steps_per_epoch(layout.num_rows, config.train.batch_size)  # batch_size = rows
+    total_steps = steps_per_epoch * config.train.num_epochs
+    data_signature = data.input_signature(examples, batch_size=config.train.batch_size, max_len=config.data.max_len,
+                                          seed=config.seed, shuffle=config.data.shuffle, packing=config.data.packing)
+    logging.info("%d examples (%d trimmed, %d skipped), %d steps per epoch, %d steps in all, mesh %s, layout %s",
+                 len(examples), ready.report.num_trimmed, len(ready.report.skipped), steps_per_epoch, total_steps,
+                 dict(rt.mesh.shape), config.mesh.layout)
+
+    model, schedule, tx = rt.model, learning_rate_schedule(config, total_steps), make_optimizer(config, total_steps)
+    with sharding.activate(rt.mesh, rt.rules):
+        # The state: resumed from the latest checkpoint, else init_from's weights, else a random init.
+        abstract, state_shardings = runtime.abstract_train_state(model, tx, rt.mesh, rt.rules)
+        checkpoints = checkpoint.TrainCheckpoints(run.checkpoints)
+        latest = checkpoints.latest_step()
+        if latest is not None:
+            where = f"{checkpoints.directory}/{latest}"
+            meta = checkpoints.read_meta(latest)
+            data.check_input_signature(meta, data_signature, where)
+            check_schedule_length(meta, total_steps, where)
+            state, _ = checkpoints.restore(latest, abstract)
+            position = position_after(meta, steps_per_epoch)
+            logging.info("resumed from %s: epoch %d, %d batches done", where, meta["epoch"], meta["batches_done"])
+        else:
+            state, position = runtime.initial_state(config, rt, tx, state_shardings), Position()
+        _save_config(config, run)
+        _log_parameter_overview(state.params, rt.model_cfg)
+
+        # The step: one jitted program with the state donated; each host feeds its block of rows.
+        batch_sharding = sharding.batch_sharding(rt.mesh, rt.rules)
+        batch_shape = (config.train.batch_size, config.data.max_len)
+        block, num_blocks = sharding.process_batch_block(batch_sharding, batch_shape)
+        step_fn = jit_train_step(model, config, schedule, state_shardings, batch_sharding)
+        writer = MetricsWriter(run, total_steps, resumed_at=int(state.step) if latest is not None else 0)
+        last_metrics: dict = {}
+
+        def epoch_done(epoch: int, resumed: bool = False) -> None:
+            if after_epoch is not None:
+                after_epoch(EpochEnd(epoch, state, rt, writer, resumed))
+
+        try:
+            if latest is not None and position.batches_done == 0:
+                # Resumed at an epoch boundary: the previous run may have stopped inside this epoch's hook.
+                epoch_done(position.epoch - 1, resumed=True)
+            for epoch in range(position.epoch, config.train.num_epochs + 1):
+                start = position.batches_done if epoch == position.epoch else 0
+                batches = data.epoch_batches(
+                    examples, batch_size=config.train.batch_size, max_len=config.data.max_len, seed=config.seed,
+                    epoch=epoch, shuffle=config.data.shuffle, start_step=start,
+                    process_index=block, process_count=num_blocks, packing=config.data.packing)
+                for batch_index, local in enumerate(batches, start=start + 1):
+                    # One step, its metrics checked before anything of this state is saved.
+                    tic = time.perf_counter()
+                    state, metrics = step_fn(state, runtime.global_batch(local, batch_sharding, batch_shape))
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    step = int(state.step)
+                    _check_finite(metrics, epoch, step, checkpoints)
+                    metrics.update(epoch=epoch, tokens_per_s=metrics["tokens"] / (time.perf_counter() - tic))
+                    last_metrics = metrics
+                    end_of_epoch = batch_index == steps_per_epoch
+                    if step % config.train.log_every == 0 or end_of_epoch:
+                        writer.write(step, metrics)
+                    # A checkpoint at the end of every epoch (and every checkpoint_every_steps if set).
+                    every = config.train.checkpoint_every_steps
+                    if end_of_epoch or (every and step % every == 0):
+                        checkpoints.save(step, state, {"epoch": epoch, "batches_done": batch_index, "step": step,
+                                                       "data_signature": data_signature,
+                                                       "total_steps": total_steps,
+                                                       "end_of_epoch": end_of_epoch,
+                                                       "model": dataclasses.asdict(rt.model_cfg)})
+                        if end_of_epoch:
+                            logging.info("epoch %d done: checkpoint %s/%d", epoch, checkpoints.directory, step)
+                # The end-of-epoch hooks (dev report), after the checkpoint exists.
+                epoch_done(epoch)
+        finally:
+            writer.close()
+            checkpoints.close()
+    distributed.barrier("train_done")
+    return last_metrics
+
+
+def _check_finite(metrics: dict[str, float], epoch: int, step: int, checkpoints: checkpoint.TrainCheckpoints) -> None:
+    if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
+        raise TrainingDiverged(
+            f"loss {metrics['loss']} / grad_norm {metrics['grad_norm']} at epoch {epoch} step {step}: "
+            f"training stopped; no checkpoint of this state was written (latest good: "
+            f"{checkpoints.latest_step()}). Lower optimizer.learning_rate or set grad_clip_norm.")
+
+
+def _save_config(config: ml_collections.ConfigDict, run: RunDir) -> None:
+    """The run's full config as `config.json` (host 0), beside the checkpoints it produced."""
+    if jax.process_index() == 0:
+        atomic_write_text(run.config, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def _log_parameter_overview(params: Any, model_cfg: ModelConfig) -> None:
+    if jax.process_index() != 0:
+        return
+    from clu import parameter_overview
+    logging.info("parameters:\n%s", parameter_overview.get_parameter_overview(params, include_stats=False))
+    logging.info("total parameters: %s (expected %s)", f"{sum(x.size for x in jax.tree.leaves(params)):,}",
+                 f"{model_cfg.num_params():,}")
