@@ -11,7 +11,7 @@ import jax
 from absl import logging
 from etils import epath
 
-from lima_jax.paths import atomic_write_text
+from lima_jax.paths import PathLike, atomic_write_text
 from lima_jax.rundir import RunDir
 
 
@@ -23,7 +23,8 @@ class MetricsWriter:
     current state, with no step twice.
     """
 
-    def __init__(self, run: RunDir, total_steps: int, resumed_at: int = 0):
+    def __init__(self, run: RunDir | PathLike, total_steps: int, resumed_at: int = 0):
+        run = run if isinstance(run, RunDir) else RunDir.at(run)
         self.enabled = jax.process_index() == 0
         self.total_steps = total_steps
         self.start_time = time.time()

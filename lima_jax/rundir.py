@@ -40,6 +40,10 @@ CHOSEN_EPOCH = "chosen_epoch.json"
 LAYOUTS = "layouts"
 
 
+def _entry(name: str) -> property:
+    return property(lambda self: self.root / name, doc=f"`<workdir>/{name}`")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunDir:
     """The paths of one run directory."""
@@ -50,44 +54,18 @@ class RunDir:
     def at(cls, workdir: PathLike) -> "RunDir":
         return cls(as_path(workdir))
 
-    @property
-    def config(self) -> epath.Path:
-        return self.root / CONFIG
-
-    @property
-    def checkpoints(self) -> epath.Path:
-        return self.root / CHECKPOINTS
-
-    @property
-    def metrics(self) -> epath.Path:
-        return self.root / METRICS
-
-    @property
-    def tensorboard(self) -> epath.Path:
-        return self.root / TENSORBOARD
-
-    @property
-    def dev_reports(self) -> epath.Path:
-        return self.root / DEV_REPORTS
+    config = _entry(CONFIG)
+    checkpoints = _entry(CHECKPOINTS)
+    metrics = _entry(METRICS)
+    tensorboard = _entry(TENSORBOARD)
+    dev_reports = _entry(DEV_REPORTS)
+    dev_report_html = _entry(DEV_REPORT_HTML)
+    dev_report_md = _entry(DEV_REPORT_MD)
+    chosen_epoch = _entry(CHOSEN_EPOCH)
+    layouts = _entry(LAYOUTS)
 
     def epoch_answers(self, epoch: int) -> epath.Path:
         return self.dev_reports / f"epoch_{epoch:03d}.jsonl"
-
-    @property
-    def dev_report_html(self) -> epath.Path:
-        return self.root / DEV_REPORT_HTML
-
-    @property
-    def dev_report_md(self) -> epath.Path:
-        return self.root / DEV_REPORT_MD
-
-    @property
-    def chosen_epoch(self) -> epath.Path:
-        return self.root / CHOSEN_EPOCH
-
-    @property
-    def layouts(self) -> epath.Path:
-        return self.root / LAYOUTS
 
     def step_folder(self, step: int) -> epath.Path:
         return self.checkpoints / str(step)

@@ -3,7 +3,6 @@ shards with an index. Its tensors already have Hugging Face names and layout (Ro
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import numpy as np
@@ -11,7 +10,7 @@ from etils import epath
 
 from lima_jax.config import ModelConfig
 from lima_jax.conversion.safetensors_io import TensorEntry, read_safetensors_header, read_tensor
-from lima_jax.conversion.source import DTYPES, require
+from lima_jax.conversion.source import DTYPES, read_json, require
 from lima_jax.errors import ConversionError
 from lima_jax.paths import PathLike, as_path
 
@@ -25,8 +24,7 @@ class HuggingFaceSource:
         folder = as_path(folder)
         self.location = folder
         config_path = folder / "config.json"
-        require(config_path.is_file(), config_path, "not found (expected a Hugging Face model folder)")
-        hf = json.loads(config_path.read_text())
+        hf = read_json(config_path, "not found (expected a Hugging Face model folder)")
         self.config, self.dtype = hf_config_to_model(hf, config_path)
         self.entries = self._tensor_table(folder)
 
@@ -35,7 +33,7 @@ class HuggingFaceSource:
         index = folder / "model.safetensors.index.json"
         single = folder / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+            weight_map = read_json(index, "not found").get("weight_map")
             require(isinstance(weight_map, dict), index, "field 'weight_map' missing")
             files = sorted(set(weight_map.values()))
             for name in files:

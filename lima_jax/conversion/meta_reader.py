@@ -12,7 +12,7 @@ import numpy as np
 
 from lima_jax.config import ModelConfig
 from lima_jax.conversion.params_table import LAYER as _L
-from lima_jax.conversion.source import require
+from lima_jax.conversion.source import read_json, require
 from lima_jax.errors import ConversionError
 from lima_jax.paths import PathLike, as_path, is_remote
 
@@ -90,8 +90,7 @@ class MetaSource:
         folder = as_path(folder)
         self.location = folder
         params_path = folder / "params.json"
-        require(params_path.is_file(), params_path, "not found (expected Meta's params.json)")
-        params = json.loads(params_path.read_text())
+        params = read_json(params_path, "not found (expected Meta's params.json)")
         check_meta_params(params, params_path)
         self.files = sorted(folder.glob("consolidated.*.pth"))
         require(bool(self.files), folder, "no consolidated.NN.pth files")

@@ -2,10 +2,12 @@
 torch-layout tensors read one at a time), the input check that names the file and field, and dtype names."""
 from __future__ import annotations
 
+import json
 from typing import Any, Protocol
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from lima_jax.config import ModelConfig
 from lima_jax.errors import ConversionError
@@ -31,6 +33,15 @@ def require(cond: bool, where: Any, message: str) -> None:
     """Raises ConversionError `<where>: <message>` unless `cond`."""
     if not cond:
         raise ConversionError(f"{where}: {message}")
+
+
+def read_json(path: epath.Path, missing: str) -> Any:
+    """The JSON in `path`; ConversionError `<path>: <missing>` when absent, or naming the parse error."""
+    require(path.is_file(), path, missing)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({e})") from None
 
 
 def numpy_dtype(name: str) -> np.dtype:
