@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_len = 2048  # texts longer than 2,048 tokens are trimmed
     c.data.loss_on = "assistant"  # the paper is silent; we train on responses only ("all" to switch)
     c.data.on_bad_example = "error"
+    c.data.max_line_bytes = 4 * 2**20  # a longer JSONL line is a bad example (LIMA's longest: 18 KB)
     c.data.shuffle = True
     c.data.packing = False
 

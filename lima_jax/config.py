@@ -206,6 +206,9 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, d.max_len <= m.max_seq_len, "data.max_len", f"exceeds model.max_seq_len={m.max_seq_len}")
     _check(config, d.loss_on in LOSS_ON, "data.loss_on", f"must be one of {LOSS_ON}")
     _check(config, d.on_bad_example in ON_BAD_EXAMPLE, "data.on_bad_example", f"must be one of {ON_BAD_EXAMPLE}")
+    limit = d.get("max_line_bytes", 1)  # absent in a config.json written before it existed: the default
+    _check(config, isinstance(limit, int) and not isinstance(limit, bool) and limit > 0, "data.max_line_bytes",
+           "must be a positive int (bytes of the longest JSONL line accepted, e.g. 4194304)")
     t = config.train
     _check(config, t.batch_size > 0, "train.batch_size", "must be positive")
     _check(config, t.num_epochs > 0, "train.num_epochs", "must be positive")

@@ -16,9 +16,11 @@
     python -m lima_jax.eval agreement me.jsonl judge.jsonl
 
 The raters choose among the paper's three answers: Response 1 better, Response 2 better, neither. Which
-system wrote which response is hidden and randomized. Each judgment is appended and synced to the
-`--judgments` file the moment it is made; running the same command again resumes with the pairs left
-(refused if the response files now hold other answers than those judged).
+system wrote which response is hidden and randomized (a new secret seed per judgments file, stored in it).
+Each judgment is appended and synced to the `--judgments` file the moment it is made; running the same
+command again resumes with the pairs left, in the same order (refused if the response files now hold other
+answers than those judged, or if `--judgments` is not a judgments file). The web page answers only
+localhost requests of its own page (Host, Origin and a per-session token are checked).
 
 Response files are lima_jax answer files (`python -m lima_jax.generate --out`) or any JSONL with `input` or
 `prompt` and `response` per line (see `lima_jax.evaluation.pairs`). Every file may be local or a gs:// URL.
@@ -60,6 +62,7 @@ def _pairwise(args: argparse.Namespace) -> None:
             judge.judge_pairs(all_pairs, store, model_judge, template, chunk=args.chunk)
         else:
             session = human.RatingSession(all_pairs, store, args.seed, args.rater)
+            print(f"display order: seed {session.seed_source}")
             if args.mode == "terminal":
                 human.run_terminal(session)
             else:
@@ -165,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judgments", required=True, metavar="FILE", help="judgments JSONL (appended; resumable)")
     p.add_argument("--mode", choices=("terminal", "web", "judge"), default="terminal")
     p.add_argument("--rater", default="rater", help="the human rater's name, kept with each judgment")
-    p.add_argument("--seed", type=int, default=0, help="order of pairs and of responses within a pair")
+    p.add_argument("--seed", type=int, default=None,
+                   help="order of pairs and of responses within a pair (default: the seed stored in --judgments, "
+                        "else a new random one; give one only for a reproducible session)")
     p.add_argument("--port", type=int, default=8765, help="web mode: port on 127.0.0.1")
     p.add_argument("--judge_url", default="", help="OpenAI-compatible base URL on localhost, e.g. "
                                                    "http://127.0.0.1:8000/v1")

@@ -68,8 +68,9 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     rt = runtime.build(config)
     if config.init_from and not checkpoint.has_train_checkpoints(RunDir.at(config.workdir).checkpoints):
         runtime.check_init_from(config, rt.model_cfg)
+    max_line_bytes = config.data.get("max_line_bytes", data.formats.MAX_LINE_BYTES)  # absent: an older config.json
     report = data.load_examples(config.data.train_path, rt.tokenizer, config.data.max_len, config.data.loss_on,
-                                config.data.on_bad_example)
+                                config.data.on_bad_example, max_line_bytes=max_line_bytes)
     return Setup(rt, report)
 
 

@@ -62,6 +62,8 @@ def test_smaller_models_use_batch_64_and_dropout_0_2():
     ("model.remat_policy", "sometimes", "must be one of"),
     ("data.max_len", 4096, "exceeds model.max_seq_len"),
     ("workdir", "", "set an output folder"),
+    ("data.max_line_bytes", 0, "must be a positive int"),
+    ("data.max_line_bytes", -1, "must be a positive int"),
 ])
 def test_bad_values_name_the_file_and_field(field, value, message):
     c = filled("toy.py")
@@ -70,3 +72,11 @@ def test_bad_values_name_the_file_and_field(field, value, message):
     with pytest.raises(ConfigError, match=message) as error:
         validate(c)
     assert "configs/toy.py" in str(error.value) and f"config.{field}=" in str(error.value)
+
+
+def test_max_line_bytes_defaults_to_the_readers_limit_and_may_be_absent_in_an_older_config_json():
+    from lima_jax.data.formats import MAX_LINE_BYTES
+    c = filled("lima_65b.py")
+    assert c.data.max_line_bytes == MAX_LINE_BYTES == 4 * 2**20
+    del c.data["max_line_bytes"]  # a run's config.json written before the field existed
+    validate(c)

@@ -73,3 +73,128 @@ def test_a_later_bad_record_fails_before_any_tokenization(tmp_path, toy_tokenize
     with pytest.raises(DataError, match=":6: unknown schema"):
         load_examples(str(path), toy_tokenizer, max_len=64)
     assert not calls
+
+
+# ------------------------------------------------------------------------------ limits on one line
+
+GOOD_LINE = json.dumps(GOOD).encode()
+# (raw bad line, max_line_bytes, what the error must say after "file:line: ")
+LIMITS = {
+    "invalid_utf8": (b'{"conversations": ["caf\xe9?", "b"]}', None, "not valid UTF-8 (byte offset 23"),
+    "lone_surrogate": (b'{"conversations": ["q", "a\\ud800b"]}', None,
+                       "field 'conversations'[1] holds a lone surrogate (\\ud800 at character 1)"),
+    "lone_surrogate_in_a_message": (b'{"messages": [{"role": "user", "content": "\\udfffx"}]}', None,
+                                    "field 'messages'[0].content holds a lone surrogate"),
+    "deep_nesting": (b"[" * 10_000, None, "JSON nested deeper than 64 levels"),
+    "deep_nesting_in_a_field": (b'{"conversations": ' + b"[" * 5_000 + b"]" * 5_000 + b"}", None,
+                                "JSON nested deeper than 64 levels"),
+    "line_too_long": (b'{"conversations": ["' + b"x" * 50_000 + b'", "b"]}', 20_000,
+                      "line of 50,028 bytes, over the limit of 20,000 bytes (config.data.max_line_bytes"),
+}
+
+
+def _write_lines(path, lines):
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(LIMITS))
+def test_a_line_over_a_limit_raises_naming_file_and_line(tmp_path, toy_tokenizer, case):
+    bad, limit, message = LIMITS[case]
+    path = _write_lines(tmp_path / "train.jsonl", [GOOD_LINE, GOOD_LINE, bad, GOOD_LINE])
+    with pytest.raises(DataError) as e:
+        load_examples(str(path), toy_tokenizer, max_len=64, **({"max_line_bytes": limit} if limit else {}))
+    assert str(e.value).startswith(f"{path}:3: ")
+    assert message in str(e.value)
+
+
+def test_skip_mode_counts_every_line_over_a_limit_and_reads_on(tmp_path, toy_tokenizer):
+    bad = [LIMITS[case][0] for case in sorted(LIMITS)]
+    path = _write_lines(tmp_path / "train.jsonl", [GOOD_LINE, *bad, GOOD_LINE])
+    report = load_examples(str(path), toy_tokenizer, max_len=64, on_bad_example="skip", max_line_bytes=20_000)
+    assert len(report.examples) == 2 and [e.where for e in report.examples] == [f"{path}:1",
+                                                                                 f"{path}:{len(bad) + 2}"]
+    assert [s.split(": ")[0] for s in report.skipped] == [f"{path}:{line}" for line in range(2, 2 + len(bad))]
+    for skipped, case in zip(report.skipped, sorted(LIMITS)):
+        assert LIMITS[case][2] in skipped
+
+
+def test_an_over_long_line_is_skipped_in_chunks_never_held_whole(tmp_path):
+    """A 32 MB line under the default 4 MiB limit: refused, and the lines around it still read, while memory
+    stays far below the line's size (before, it was read whole: a 50 MB line took 28 s and 3.4 GB)."""
+    import tracemalloc
+
+    from lima_jax.data import formats
+    path = tmp_path / "big.jsonl"
+    with path.open("wb") as f:
+        f.write(GOOD_LINE + b"\n" + b'{"conversations": ["')
+        for _ in range(32):
+            f.write(b"x" * 2**20)
+        f.write(b'", "b"]}\n' + GOOD_LINE + b"\n")
+    tracemalloc.start()
+    try:
+        lines = list(formats.read_lines(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [line for line, _ in lines] == [1, 2, 3]
+    assert isinstance(lines[1][1], DataError) and str(lines[1][1]).startswith(f"{path}:2: line of 33,554,460 bytes")
+    assert lines[0][1] == lines[2][1] == GOOD_LINE.decode()
+    assert peak < formats.MAX_LINE_BYTES + 3 * formats._READ_CHUNK  # about 5 MB, not 32
+
+
+def test_line_splitting_across_chunk_boundaries(monkeypatch):
+    import io
+
+    from lima_jax.data import formats
+    data = b"ab\n\nxxxxxxxxxxxx\ncd\nyyyyyy"
+    for chunk in (1, 2, 3, 5, 64):
+        monkeypatch.setattr(formats, "_READ_CHUNK", chunk)
+        assert list(formats._raw_lines(io.BytesIO(data), 5)) == [(1, b"ab"), (2, b""), (3, 12), (4, b"cd"), (5, 6)]
+
+
+def test_limits_apply_to_every_jsonl_reader(tmp_path):
+    """Prompt files, response files and judgments go through the same reader: file:line, no crash."""
+    from lima_jax.evaluation.pairs import read_responses
+    from lima_jax.records import read_prompts
+    path = _write_lines(tmp_path / "prompts.jsonl", [b'{"conversations": ["hi"]}', LIMITS["invalid_utf8"][0]])
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: not valid UTF-8 \(byte offset 23"):
+        read_prompts(path)
+    path = _write_lines(tmp_path / "answers.jsonl", [b'{"prompt": "hi", "response": "\\ud800"}'])
+    with pytest.raises(DataError, match=r"answers.jsonl:1: field 'response' holds a lone surrogate"):
+        read_responses(path)
+
+
+def _stats_argv(path, repo, limit):
+    return ["stats", "--data", str(path), "--tokenizer", str(repo / "data" / "toy_tokenizer.model"), "--max_len",
+            "64", *(["--max_line_bytes", str(limit)] if limit else [])]
+
+
+@pytest.mark.parametrize("case", ["invalid_utf8", "lone_surrogate", "deep_nesting", "line_too_long"])
+def test_data_stats_exits_2_with_one_paragraph_naming_file_and_line(tmp_path, repo, case, capsys):
+    from lima_jax import cli
+    from lima_jax.data.__main__ import main
+    bad, limit, message = LIMITS[case]
+    path = _write_lines(tmp_path / "train.jsonl", [GOOD_LINE, bad])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main, _stats_argv(path, repo, limit))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:2: ") and message in err and "Traceback" not in err
+
+
+def test_data_stats_command_exits_2_on_an_over_long_line(tmp_path, repo):
+    import subprocess
+    import sys
+    bad, limit, message = LIMITS["line_too_long"]
+    path = _write_lines(tmp_path / "train.jsonl", [GOOD_LINE, bad, GOOD_LINE])
+    result = subprocess.run([sys.executable, "-m", "lima_jax.data", *_stats_argv(path, repo, limit)],
+                            capture_output=True, text=True, cwd=repo)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {path}:2: ") and message in errors[0]
+    assert "Traceback" not in result.stderr
+    skipped = subprocess.run([sys.executable, "-m", "lima_jax.data", *_stats_argv(path, repo, limit),
+                              "--on_bad_example", "skip"], capture_output=True, text=True, cwd=repo)
+    assert skipped.returncode == 0, skipped.stderr
+    assert "2 kept, 1 skipped" in skipped.stdout

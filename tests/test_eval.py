@@ -354,8 +354,8 @@ def _serve(session):
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def _post(base, pair_id, answer):
-    data = urllib.parse.urlencode({"pair_id": pair_id, "answer": answer}).encode()
+def _post(base, pair_id, answer, token):
+    data = urllib.parse.urlencode({"pair_id": pair_id, "answer": answer, "token": token}).encode()
     with urllib.request.urlopen(urllib.request.Request(f"{base}/judge", data=data), timeout=10) as r:
         return r.status, r.read().decode()  # urllib follows the 303 to the next page
 
@@ -385,12 +385,13 @@ def test_web_session_over_http_is_blind_saved_and_resumable(response_files, tmp_
                     answer = answers[state["done"]]
                     chosen = {"1": nxt["response_1"], "2": nxt["response_2"]}.get(answer)
                     expected[pair.pair_id] = "tie" if chosen is None else "a" if chosen == pair.a else "b"
-                    status, page = _post(base, nxt["pair_id"], answer)
+                    assert f'name="token" value="{server.token}"' in page  # the page carries the token
+                    status, page = _post(base, nxt["pair_id"], answer, server.token)
                     assert status == 200
                     assert len(path.read_text().splitlines()) == state["done"] + 1  # on disk at once
-                assert _post(base, all_pairs[0].pair_id, "1")[0] == 200  # a repeated submit is ignored
+                assert _post(base, all_pairs[0].pair_id, "1", server.token)[0] == 200  # a repeat is ignored
                 with pytest.raises(urllib.error.HTTPError, match="400"):
-                    _post(base, all_pairs[0].pair_id, "maybe")
+                    _post(base, all_pairs[0].pair_id, "maybe", server.token)
             finally:
                 server.shutdown()
                 server.server_close()
@@ -403,6 +404,209 @@ def _state_done_page(path, all_pairs):
     with pairs.JudgmentStore(path, "lima", "base") as store:
         session = human.RatingSession(all_pairs, store, seed=5, rater="web")
         return session.next_pair() is None and "All 5 pairs judged" in human._render_page(session)
+
+
+def _request(server, method, path="/", body=None, headers=None):
+    """(status, body) of one request with exactly these headers (Host included), on 127.0.0.1 only."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    try:
+        all_headers = {"Host": f"127.0.0.1:{server.server_address[1]}", **(headers or {})}
+        if body is not None:
+            body = urllib.parse.urlencode(body).encode()
+            all_headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)  # no Host unless given
+        for k, v in all_headers.items():
+            if v is not None:
+                conn.putheader(k, v)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def web(response_files, tmp_path):
+    """A rating page on a free port of 127.0.0.1 over a fresh judgments file: (server, session, path)."""
+    path = tmp_path / "web.jsonl"
+    store = pairs.JudgmentStore(path, "lima", "base")
+    session = human.RatingSession(pairs.make_pairs(*response_files), store, rater="web")
+    server, _ = _serve(session)
+    yield server, session, path
+    server.shutdown()
+    server.server_close()
+    store.close()
+
+
+def test_web_post_without_the_right_token_is_403_and_records_nothing(web):
+    server, session, path = web
+    pair_id = session.next_pair().pair_id
+    for form in ({"pair_id": pair_id, "answer": "1"}, {"pair_id": pair_id, "answer": "1", "token": ""},
+                 {"pair_id": pair_id, "answer": "1", "token": server.token[:-1] + "x"}):
+        status, body = _request(server, "POST", "/judge", form)
+        assert status == 403 and "token" in body
+    assert path.read_bytes() == b"" and session.num_done == 0
+    other = human.serve_web(session, port=0)
+    other.server_close()
+    assert len(server.token) >= 40 and server.token != other.token  # a new secret per server
+    status, _ = _request(server, "POST", "/judge", {"pair_id": pair_id, "answer": "1", "token": server.token},
+                         {"Origin": f"http://127.0.0.1:{server.server_address[1]}"})
+    assert status == 303 and [r["pair_id"] for r in pairs.read_judgments(path)] == [pair_id]  # recorded
+
+
+def test_web_refuses_a_foreign_origin_even_with_the_token(web):
+    server, session, path = web
+    form = {"pair_id": session.next_pair().pair_id, "answer": "2", "token": server.token}
+    port = server.server_address[1]
+    for origin in ("http://evil.example", f"http://evil.example:{port}", "null", f"https://127.0.0.1:{port}",
+                   f"http://127.0.0.1:{port + 1}"):
+        status, body = _request(server, "POST", "/judge", form, {"Origin": origin})
+        assert status == 403 and repr(origin) in body, origin
+        assert _request(server, "GET", "/state.json", headers={"Origin": origin})[0] == 403
+    assert path.read_bytes() == b""
+    assert _request(server, "POST", "/judge", form, {"Origin": f"http://localhost:{port}",
+                                                    "Host": f"localhost:{port}"})[0] == 303
+    assert session.num_done == 1
+
+
+def test_web_refuses_a_wrong_host_header(web):
+    """DNS rebinding: a page of evil.example whose name now points at 127.0.0.1 sends Host: evil.example."""
+    server, session, path = web
+    port = server.server_address[1]
+    form = {"pair_id": session.next_pair().pair_id, "answer": "1", "token": server.token}
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", "127.0.0.1", None):
+        for method, route in (("GET", "/"), ("GET", "/state.json")):
+            status, body = _request(server, method, route, headers={"Host": host})
+            assert status == 403 and session.next_pair().prompt_text not in body and server.token not in body
+        assert _request(server, "POST", "/judge", form, {"Host": host})[0] == 403
+    assert path.read_bytes() == b""
+    status, page = _request(server, "GET", "/")
+    assert status == 200 and session.next_pair().prompt_text in page and server.token in page
+
+
+def test_a_slow_client_does_not_block_the_rating_page(web):
+    """One client connects and sends nothing, another sends half a POST: a third request is still served."""
+    import socket
+    import time
+    server, session, path = web
+    address = ("127.0.0.1", server.server_address[1])
+    silent = socket.create_connection(address, timeout=10)
+    half = socket.create_connection(address, timeout=10)
+    try:
+        half.sendall(f"POST /judge HTTP/1.1\r\nHost: 127.0.0.1:{address[1]}\r\nContent-Length: 500\r\n\r\n"
+                     "pair_id=".encode())
+        time.sleep(0.2)  # both are being served (each in its own thread), waiting for bytes that never come
+        start = time.monotonic()
+        status, state = _request(server, "GET", "/state.json")
+        assert status == 200 and json.loads(state)["total"] == len(ANSWERS)
+        form = {"pair_id": session.next_pair().pair_id, "answer": "n", "token": server.token}
+        assert _request(server, "POST", "/judge", form)[0] == 303
+        assert time.monotonic() - start < 5 and session.num_done == 1
+    finally:
+        silent.close()
+        half.close()
+    assert human.REQUEST_TIMEOUT_S <= 60  # and a silent connection is dropped after that
+
+
+def test_the_display_order_seed_is_secret_stored_and_reused_on_resume(response_files, tmp_path):
+    all_pairs = pairs.make_pairs(*response_files)
+    path = tmp_path / "me.jsonl"
+    with pairs.JudgmentStore(path, "lima", "base") as store:
+        first = human.RatingSession(all_pairs, store, rater="me")
+        order = [p.pair_id for p in first.pairs]
+        shown = {p.pair_id: first.shown(p) for p in all_pairs}
+        human.run_terminal(first, _scripted(["1", "2"]), lambda _: None)
+    assert "new and random" in first.seed_source
+    assert [json.loads(line)["order_seed"] for line in path.read_text().splitlines()] == [first.seed] * 2
+    with pairs.JudgmentStore(path, "lima", "base") as store:  # resumed: the same order, the same sides
+        resumed = human.RatingSession(all_pairs, store, rater="me")
+        assert resumed.seed == first.seed and f"stored in {path}" in resumed.seed_source
+        assert [p.pair_id for p in resumed.pairs] == order and {p.pair_id: resumed.shown(p) for p in all_pairs} == shown
+        assert resumed.next_pair().pair_id == order[2]
+        explicit = human.RatingSession(all_pairs, store, 11, "me")  # --seed still overrides
+        assert explicit.seed == 11 and [p.pair_id for p in explicit.pairs] == [
+            p.pair_id for p in pairs.presentation_order(all_pairs, 11)]
+    seeds = set()
+    for i in range(3):  # fresh files get fresh seeds
+        with pairs.JudgmentStore(tmp_path / f"fresh{i}.jsonl", "lima", "base") as store:
+            seeds.add(human.RatingSession(all_pairs, store, rater="me").seed)
+    assert len(seeds | {first.seed}) == 4
+    old = tmp_path / "old.jsonl"  # human judgments written before seeds were stored: the old default, 0
+    old.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "order_seed"}) + "\n"
+                           for line in path.read_text().splitlines()))
+    with pairs.JudgmentStore(old, "lima", "base") as store:
+        assert human.RatingSession(all_pairs, store, rater="me").seed == 0
+    assert len(pairs.read_judgments(path)) == 2  # table and agreement read the file as before
+
+
+def test_the_cli_stores_the_seed_in_terminal_mode(response_files, tmp_path, monkeypatch, capsys):
+    a, b = response_files
+    path = tmp_path / "me.jsonl"
+    run_terminal = human.run_terminal
+    monkeypatch.setattr(human, "run_terminal", lambda session: run_terminal(session, _scripted(["1"]), print))
+    eval_cli.main(["pairwise", "--a", str(a), "--b", str(b), "--judgments", str(path)])
+    seed = json.loads(path.read_text())["order_seed"]
+    monkeypatch.setattr(human, "run_terminal", lambda session: run_terminal(session, _scripted(["2"]), print))
+    eval_cli.main(["pairwise", "--a", str(a), "--b", str(b), "--judgments", str(path)])
+    assert f"display order: seed stored in {path}" in capsys.readouterr().out
+    assert [json.loads(line)["order_seed"] for line in path.read_text().splitlines()] == [seed, seed]
+
+
+# ------------------------------------------------------------------------------------ judgments files
+
+
+def test_an_ordinary_text_file_as_judgments_is_refused_and_left_byte_identical(response_files, tmp_path, capsys):
+    a, b = response_files
+    cases = {
+        "notes.txt": (b"my notes\nsecond line\nlast line, no newline", ":1: malformed JSON"),
+        "one_line.txt": (b"just one line", ":1: malformed JSON"),
+        "answers.jsonl": (a.read_bytes(), ":1: not a judgment (needs pair_id"),  # a response file by mistake
+        "empty_object.jsonl": (b"{}", ":1: not a judgment"),
+        "latin1.jsonl": ('{"pair_id": "caf\u00e9"}\n'.encode("latin-1"), ":1: not valid UTF-8 (byte offset 16)"),
+    }
+    with pairs.JudgmentStore(tmp_path / "real.jsonl", "lima", "base") as store:
+        store.add(pairs.make_pairs(a, b)[0], "a")
+    judged = (tmp_path / "real.jsonl").read_bytes()
+    cases["judgments_then_text.jsonl"] = (judged + b"a note typed at the end", ":2: malformed JSON")
+    cases["judgments_then_json.jsonl"] = (judged + b'{"note": 1}', ":2: not a judgment")
+    cases["text_then_cut_judgment.jsonl"] = (b"notes\n" + judged[:20], ":1: malformed JSON")
+    cases["other_systems.jsonl"] = (judged.replace(b'"base"', b'"gpt"')[:-1],
+                                    ":1: judges 'lima' vs 'gpt', not 'lima' vs 'base'")
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(DataError) as e:
+            pairs.JudgmentStore(path, "lima", "base")
+        assert str(e.value).startswith(f"{path}{message}"), (name, str(e.value))
+        assert path.read_bytes() == content, name
+    path = tmp_path / "notes.txt"
+    with pytest.raises(SystemExit) as exit_info:
+        lima_cli.run(eval_cli.main, ["pairwise", "--a", str(a), "--b", str(b), "--judgments", str(path)])
+    assert exit_info.value.code == 2 and path.read_bytes() == cases["notes.txt"][0]
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:1: malformed JSON") and "not a judgments file" in err
+
+
+def test_a_judgments_file_with_a_truncated_or_unterminated_last_line_is_still_repaired(response_files, tmp_path):
+    all_pairs = pairs.make_pairs(*response_files)
+    path = tmp_path / "me.jsonl"
+    with pairs.JudgmentStore(path, "lima", "base") as store:
+        store.add(all_pairs[0], "a")
+        store.add(all_pairs[1], "b")
+    complete = path.read_bytes()
+    last = complete.splitlines(keepends=True)[-1]
+    for cut in (b"{", b'{"pair_id": "', last[:40], last[:-2]):  # a crash at any point of the last write
+        path.write_bytes(complete + cut)
+        with pairs.JudgmentStore(path, "lima", "base") as store:
+            assert store.done == {all_pairs[0].pair_id, all_pairs[1].pair_id}
+        assert path.read_bytes() == complete
+    path.write_bytes(complete[:-1])  # complete, only the newline missing: kept, the newline added
+    with pairs.JudgmentStore(path, "lima", "base") as store:
+        assert len(store.records) == 2
+    assert path.read_bytes() == complete
 
 
 # ------------------------------------------------------------------------------------------ statistics

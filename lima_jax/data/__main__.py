@@ -5,6 +5,7 @@
   python -m lima_jax.data build jsonl --name NAME --train train.jsonl [--dev dev.jsonl] [--test test.jsonl]
                                       --data_dir OUT
   python -m lima_jax.data stats --data PATH --tokenizer tokenizer.model [--max_len 2048] [--histogram out.png]
+                                [--on_bad_example error|skip] [--max_line_bytes 4194304]
   python -m lima_jax.data tokenizer train --input conversations.jsonl --output tokenizer.model [--vocab_size 512]
   python -m lima_jax.data tokenizer encode --tokenizer tokenizer.model '["Hi", "Hello!"]'
 
@@ -42,12 +43,14 @@ def _build(args: argparse.Namespace) -> None:
 
 
 def _stats(args: argparse.Namespace) -> None:
+    from lima_jax.data.formats import MAX_LINE_BYTES
     from lima_jax.data.pipeline import load_examples
     from lima_jax.data.stats import compute_stats, format_stats, write_histogram
     from lima_jax.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(as_path(args.tokenizer), "--tokenizer")
-    report = load_examples(args.data, tokenizer, args.max_len, args.loss_on, args.on_bad_example)
+    report = load_examples(args.data, tokenizer, args.max_len, args.loss_on, args.on_bad_example,
+                           max_line_bytes=args.max_line_bytes or MAX_LINE_BYTES)
     stats = compute_stats(args.data, report, args.max_len)
     print(format_stats(stats, args.batch_size))
     if args.histogram:
@@ -85,6 +88,16 @@ def _tokenizer_encode(args: argparse.Namespace) -> None:
         print(f"{token:>7} {'T' if is_target else '.'} {tok.id_to_piece(token)}")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = cli.parser("lima_jax.data", __doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -111,6 +124,9 @@ def parser() -> argparse.ArgumentParser:
     stats.add_argument("--max_len", type=int, default=2048)
     stats.add_argument("--loss_on", default="assistant", choices=("assistant", "all"))
     stats.add_argument("--on_bad_example", default="error", choices=("error", "skip"))
+    stats.add_argument("--max_line_bytes", type=_positive_int, default=None, metavar="N",
+                       help="a longer JSONL line is a bad example, like config.data.max_line_bytes "
+                            "(default 4194304: 4 MiB)")
     stats.add_argument("--batch_size", type=int, help="also print steps per epoch at this many rows per step")
     stats.add_argument("--histogram", metavar="PNG", help="write a length histogram PNG here")
     stats.set_defaults(run=_stats)

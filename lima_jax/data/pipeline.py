@@ -31,7 +31,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from lima_jax.data.formats import Conversation, DataError, numbered_lines, parse_json_line, parse_record
+from lima_jax.data.formats import MAX_LINE_BYTES, Conversation, DataError, parse_json_line, parse_record, read_lines
 from lima_jax.data.packing import ROW_FIELDS, best_fit_decreasing, token_efficiency, write_rows
 from lima_jax.paths import PathLike
 from lima_jax.tokenizer import Tokenizer
@@ -83,9 +83,11 @@ class LoadReport:
         return sum(e.trimmed for e in self.examples)
 
 
-def iter_conversations(path: PathLike, schema: str = "auto") -> Iterator[Conversation | DataError]:
+def iter_conversations(path: PathLike, schema: str = "auto",
+                       max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Conversation | DataError]:
     """Each training record of a JSONL file or a prepared TFDS dataset (`dir` or `dir:split`), in file
-    order: its Conversation, or the DataError (naming file and line) that makes it unusable."""
+    order: its Conversation, or the DataError (naming file and line) that makes it unusable, a line that
+    is not UTF-8 or over `max_line_bytes` included."""
     from lima_jax.data import tfds_builders  # tensorflow_datasets is imported only when a dataset is read
 
     if tfds_builders.is_dataset_path(path):
@@ -96,7 +98,10 @@ def iter_conversations(path: PathLike, schema: str = "auto") -> Iterator[Convers
             else:
                 yield conv
         return
-    for line, text in numbered_lines(path):
+    for line, text in read_lines(path, max_line_bytes):
+        if isinstance(text, DataError):
+            yield text
+            continue
         try:
             yield parse_record(parse_json_line(text, path, line), str(path), line, schema, for_training=True)
         except DataError as e:
@@ -155,14 +160,16 @@ def _keep_or_raise(items: Iterable[Example | Conversation | DataError], on_bad_e
 
 
 def load_examples(path: PathLike, tokenizer: Tokenizer, max_len: int, loss_on: str = "assistant",
-                  on_bad_example: str = "error", schema: str = "auto", num_workers: int | None = None) -> LoadReport:
+                  on_bad_example: str = "error", schema: str = "auto", num_workers: int | None = None,
+                  max_line_bytes: int = MAX_LINE_BYTES) -> LoadReport:
     """Reads and tokenizes a JSONL file or a prepared TFDS dataset (`dir` or `dir:split`, see
-    `tfds_builders`). Bad records raise DataError naming file and line, or with on_bad_example="skip"
-    are counted (`LoadReport.skipped`) and logged."""
+    `tfds_builders`). Bad records (a line that is not UTF-8 or over `max_line_bytes` included) raise
+    DataError naming file and line, or with on_bad_example="skip" are counted (`LoadReport.skipped`) and
+    logged."""
     if on_bad_example not in ("error", "skip"):
         raise ValueError(f"on_bad_example={on_bad_example!r}: expected 'error' or 'skip'")
     skipped: list[str] = []
-    convs = _keep_or_raise(iter_conversations(path, schema), on_bad_example, skipped)
+    convs = _keep_or_raise(iter_conversations(path, schema, max_line_bytes), on_bad_example, skipped)
     examples = _keep_or_raise(tokenize_all(tokenizer, convs, max_len, loss_on, num_workers), on_bad_example,
                               skipped)
     if not examples:

@@ -21,7 +21,7 @@ import os
 import random
 from typing import Iterator, Sequence
 
-from lima_jax.data.formats import iter_jsonl
+from lima_jax.data.formats import iter_jsonl, parse_json_line
 from lima_jax.errors import DataError
 from lima_jax.paths import PathLike, as_path, is_remote
 from lima_jax.records import ANSWER_FIELDS
@@ -137,6 +137,27 @@ def presentation_order(pairs: Sequence[Pair], seed: int) -> list[Pair]:
 # ------------------------------------------------------------------------------------------ judgments
 
 
+# Every line `JudgmentStore.add` writes starts so (the dict's first key); a cut-off last line that does not is
+# no judgment cut short by a crash, but a file that is not a judgments file.
+_JUDGMENT_START = b'{"pair_id": "'
+_NOT_JUDGMENTS = ("not a judgments file; --judgments must name a new file or one written by "
+                  "`lima_jax.eval pairwise` (the file was left as it is)")
+
+
+def check_judgment(record: object, where: str, hint: str = "") -> dict:
+    """`record` if it is a judgment as `JudgmentStore.add` writes it, else DataError naming `where`."""
+    if not (isinstance(record, dict) and isinstance(record.get("pair_id"), str) and record.get("winner") in CHOICES
+            and {"a_name", "b_name"} <= set(record)):
+        raise DataError(f"{where}: not a judgment (needs pair_id, a_name, b_name, winner in {CHOICES})"
+                        + (f": {hint}" if hint else ""))
+    return record
+
+
+def _is_cut_judgment(tail: bytes) -> bool:
+    """Whether a last line without its newline is the beginning of a line `add` writes, cut by a crash."""
+    return tail.startswith(_JUDGMENT_START) or _JUDGMENT_START.startswith(tail)
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -145,8 +166,11 @@ class JudgmentStore:
     """An append-only JSONL file of judgments, one line per pair, synced to disk as each one is made.
 
     Every line names the two systems (`a_name`, `b_name`); reopening a file made for other systems is an
-    error, so two comparisons never mix. A last line cut short by a crash (never acknowledged) is cut off;
-    the complete lines before it are never rewritten. Every line also holds `answers_sha` (see `check`).
+    error, so two comparisons never mix. The whole file is checked before anything is written: a file that
+    is not a judgments file (say a text file passed by mistake) is refused and left byte for byte as it was.
+    A last line cut short by a crash (never acknowledged: it starts like every line this class writes, and
+    every line before it is a judgment) is cut off; the complete lines before it are never rewritten. Every
+    line also holds `answers_sha` (see `check`).
     """
 
     def __init__(self, path: PathLike, a_name: str, b_name: str):
@@ -161,35 +185,61 @@ class JudgmentStore:
         self._file = None if self._remote else self.path.open("a", encoding="utf-8")
 
     def _load(self) -> list[dict]:
+        """The judgments already in the file. Every line is checked before anything is written: a file that is
+        not a judgments file of these two systems is refused untouched (DataError naming the file and line).
+        Only a last line without its newline may be repaired, and only when it is a judgment cut short by a
+        crash (it starts like every line `add` writes) after lines that are all judgments."""
         if not self.path.is_file():
             return []
         data = self.path.read_bytes()
-        tail = data[data.rfind(b"\n") + 1:]
-        if tail.strip():  # no final newline: a write interrupted by a crash
+        body_end = data.rfind(b"\n") + 1
+        records = []
+        for line, text in enumerate(data[:body_end].split(b"\n")[:-1], start=1):
+            if text.strip():
+                records.append(self._judgment(text, line))
+        tail = data[body_end:]
+        if tail.strip():  # no final newline: a write interrupted by a crash, or not a judgments file at all
+            line = data.count(b"\n") + 1
             try:
-                json.loads(tail)  # complete, only its newline is missing: add it
-                if self._remote:
-                    data += b"\n"
-                else:
+                json.loads(tail.decode("utf-8"))
+                complete = True
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                complete = False
+            if complete or not _is_cut_judgment(tail):
+                record = self._judgment(tail, line)  # refuses anything but a judgment
+            else:
+                record = None
+            if record is not None:  # complete, only its newline is missing: add it
+                records.append(record)
+                data += b"\n"
+                if not self._remote:
                     with self.path.open("ab") as f:
                         f.write(b"\n")
-            except ValueError:  # cut short (maybe mid-character): cut it off, touching nothing before it
-                data = data[:len(data) - len(tail)]
+            else:  # cut short (maybe mid-character): cut it off, touching nothing before it
+                data = data[:body_end]
                 if not self._remote:
                     os.truncate(os.fspath(self.path), len(data))
             if self._remote:
                 self.path.write_bytes(data)
         self._remote_data = data if self._remote else b""
-        records = []
-        for line, record in iter_jsonl(self.path):
-            if not isinstance(record, dict) or record.get("winner") not in CHOICES or "pair_id" not in record:
-                raise DataError(f"{self.path}:{line}: not a judgment (needs 'pair_id' and 'winner' in {CHOICES})")
-            if (record.get("a_name"), record.get("b_name")) != (self.a_name, self.b_name):
-                raise DataError(f"{self.path}:{line}: judges {record.get('a_name')!r} vs {record.get('b_name')!r}, "
-                                f"not {self.a_name!r} vs {self.b_name!r}; use another --judgments file")
-            records.append(record)
-            self._judged_on.setdefault(record["pair_id"], (line, record.get("answers_sha")))
         return records
+
+    def _judgment(self, text: bytes, line: int) -> dict:
+        """One line of the file as a judgment of this store's two systems, else DataError naming it."""
+        where = f"{self.path}:{line}"
+        try:
+            record = parse_json_line(text.decode("utf-8"), self.path, line)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not valid UTF-8 (byte offset {e.start}): {_NOT_JUDGMENTS}") from None
+        except DataError as e:
+            raise DataError(f"{e}: {_NOT_JUDGMENTS}") from None
+        check_judgment(record, where, _NOT_JUDGMENTS)
+        if (record.get("a_name"), record.get("b_name")) != (self.a_name, self.b_name):
+            raise DataError(f"{where}: judges {record.get('a_name')!r} vs {record.get('b_name')!r}, "
+                            f"not {self.a_name!r} vs {self.b_name!r}; use another --judgments file (the file was "
+                            "left as it is)")
+        self._judged_on.setdefault(record["pair_id"], (line, record.get("answers_sha")))
+        return record
 
     def check(self, pairs: Sequence[Pair]) -> None:
         """Refuses to resume on other answers: a pair of `pairs` judged in the file must have the answers it
@@ -244,9 +294,7 @@ def read_judgments(path: PathLike) -> list[dict]:
     the same rater raises DataError naming both lines."""
     records, seen = [], {}
     for line, record in iter_jsonl(path):
-        if not isinstance(record, dict) or record.get("winner") not in CHOICES or not {
-                "pair_id", "a_name", "b_name"} <= set(record):
-            raise DataError(f"{path}:{line}: not a judgment (needs pair_id, a_name, b_name, winner in {CHOICES})")
+        check_judgment(record, f"{path}:{line}")
         key = json.dumps([record[k] for k in ("pair_id", "a_name", "b_name")] + [record.get("rater")])
         if key in seen:
             raise DataError(f"{path}:{line}: pair_id {record['pair_id']!r} is judged twice by the same rater "
