@@ -29,7 +29,6 @@ from lima_jax.config import apply_overrides, load_config_file
 from lima_jax.errors import ConfigError, LimaError
 from lima_jax.paths import PathLike
 
-_OVERRIDE = re.compile(r"--config\.([A-Za-z_][\w.]*)(?:=(.*))?$", re.S)
 VERBOSE_ENV = "LIMA_VERBOSE"
 
 
@@ -79,18 +78,19 @@ def initialize_distributed(args: argparse.Namespace) -> None:
                            args.distributed_timeout_s, args.cpu_collectives)
 
 
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """(the other arguments, [(field, value)] of every `--config.field=value` / `--config.field value`)."""
+def split_overrides(argv: Sequence[str], flag: str = "config") -> tuple[list[str], list[tuple[str, str]]]:
+    """(the other arguments, [(field, value)] of every `--<flag>.field=value` / `--<flag>.field value`)."""
+    pattern = re.compile(rf"--{re.escape(flag)}\.([A-Za-z_][\w.]*)(?:=(.*))?$", re.S)
     rest, overrides = [], []
     args = list(argv)
     i = 0
     while i < len(args):
-        match = _OVERRIDE.match(args[i])
+        match = pattern.match(args[i])
         if match and match.group(1) != "FIELD":
             value = match.group(2)
             if value is None:
                 if i + 1 >= len(args):
-                    raise ConfigError(f"{args[i]}: expected a value (--config.{match.group(1)}=VALUE)")
+                    raise ConfigError(f"{args[i]}: expected a value (--{flag}.{match.group(1)}=VALUE)")
                 value = args[i + 1]
                 i += 1
             overrides.append((match.group(1), value))

@@ -114,21 +114,22 @@ def load_sibling(this_file: str, name: str) -> ml_collections.ConfigDict:
     return load_config_file(pathlib.Path(this_file).resolve().parent / name)
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> None:
-    """Sets each (dotted field, text) of `--config.a.b=text`, parsed as the field's current type; a field the
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]],
+                    flag: str = "config") -> None:
+    """Sets each (dotted field, text) of `--<flag>.a.b=text`, parsed as the field's current type; a field the
     config lacks, or a value that does not parse, raises ConfigError naming the flag and the config file."""
     for field, text in overrides:
-        flag = f"--config.{field}={text}"
+        given = f"--{flag}.{field}={text}"
         *parents, leaf = field.split(".")
         node: Any = config
         for part in parents:
             node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise ConfigError(f"{flag}: {_where(config)} has no field {field!r}")
+            raise ConfigError(f"{given}: {_where(config)} has no field {field!r}")
         try:
             value = _parse_like(node[leaf], text)
         except ValueError as e:
-            raise ConfigError(f"{flag}: {e}") from None
+            raise ConfigError(f"{given}: {e}") from None
         with node.ignore_type():
             node[leaf] = value
 

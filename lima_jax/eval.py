@@ -32,7 +32,6 @@ overrides. Bad input (a missing or malformed file, a bad flag value, a failing j
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import sys
 from typing import Sequence
@@ -42,7 +41,6 @@ from lima_jax.errors import ConfigError, DataError
 from lima_jax.evaluation import human, judge, pairs, stats
 from lima_jax.paths import as_path
 
-_JUDGE_OVERRIDE = re.compile(r"--judge_config\.([A-Za-z_][\w.]*)(?:=(.*))?$", re.S)
 
 
 def _pairwise(args: argparse.Namespace) -> None:
@@ -106,10 +104,7 @@ def _judge_config(args: argparse.Namespace):
                               "config.json; pass the model's config as --judge_config FILE")
         print(f"judge config: {path} (the run's own; --judge_config FILE to use another)", file=sys.stderr)
     config = load_config_file(path)
-    try:
-        apply_overrides(config, args.judge_overrides)
-    except ConfigError as e:  # its message names the flag as --config.a.b=v
-        raise ConfigError(re.sub(r"^--config\.", "--judge_config.", str(e))) from None
+    apply_overrides(config, args.judge_overrides, flag="judge_config")
     return config
 
 
@@ -200,28 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def split_judge_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """(the other arguments, [(field, value)] of every `--judge_config.field=value` / `... value`)."""
-    rest, overrides = [], []
-    i = 0
-    while i < len(argv):
-        match = _JUDGE_OVERRIDE.match(argv[i])
-        if match and match.group(1) != "FIELD":
-            value = match.group(2)
-            if value is None:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"{argv[i]}: expected a value (--judge_config.{match.group(1)}=VALUE)")
-                value = argv[i + 1]
-                i += 1
-            overrides.append((match.group(1), value))
-        else:
-            rest.append(argv[i])
-        i += 1
-    return rest, overrides
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    rest, overrides = split_judge_overrides(list(sys.argv[1:] if argv is None else argv))
+    rest, overrides = cli.split_overrides(list(sys.argv[1:] if argv is None else argv), flag="judge_config")
     args, _ = cli.parse(build_parser(), rest)
     args.judge_overrides = overrides
     if overrides and not (args.command == "pairwise" and args.judge_checkpoint):

@@ -682,7 +682,7 @@ def test_usage_errors_are_config_errors(response_files, tmp_path, capsys):
             (["--judge_config.seed=3"], "--judge_config.seed: only for `pairwise --mode judge --judge_checkpoint`")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             eval_cli.main(["pairwise", "--a", str(a), "--b", str(b), "--judgments", str(tmp_path / "j"), *argv])
-    assert eval_cli.split_judge_overrides(["x", "--judge_config.mesh.fsdp=8", "--judge_config.seed", "3", "y"]) == (
+    assert lima_cli.split_overrides(flag="judge_config", argv=["x", "--judge_config.mesh.fsdp=8", "--judge_config.seed", "3", "y"]) == (
         ["x", "y"], [("mesh.fsdp", "8"), ("seed", "3")])
 
 
