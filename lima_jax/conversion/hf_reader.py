@@ -21,8 +21,7 @@ class HuggingFaceSource:
     rope_layout = "halves"
 
     def __init__(self, folder: PathLike):
-        folder = as_path(folder)
-        self.location = folder
+        self.location = folder = as_path(folder)
         config_path = folder / "config.json"
         hf = read_json(config_path, "not found (expected a Hugging Face model folder)")
         self.config, self.dtype = hf_config_to_model(hf, config_path)

@@ -87,8 +87,7 @@ class MetaSource:
 
     def __init__(self, folder: PathLike):
         import torch
-        folder = as_path(folder)
-        self.location = folder
+        self.location = folder = as_path(folder)
         params_path = folder / "params.json"
         params = read_json(params_path, "not found (expected Meta's params.json)")
         check_meta_params(params, params_path)
