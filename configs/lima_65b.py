@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.grad_accum_steps = 1
     c.train.log_every = 1
     c.train.checkpoint_every_steps = 0  # 0: one checkpoint at the end of every epoch, all kept
+    c.train.resume_step = 0  # 0: resume from the newest verified checkpoint; N: from checkpoints/N
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-5  # no warmup, linear decay to 1e-6 at the end of training

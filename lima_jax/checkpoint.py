@@ -10,6 +10,10 @@ Parameter checkpoints (`save_params` / `restore_params`): a folder with `params/
 `model.json` (the ModelConfig): what `lima_jax.convert` writes and `config.init_from` reads.
 `save_params_incrementally` writes the same kind of folder from parts of the tree (orbax partial saving),
 so a converter never holds the whole model; such a `params/` keeps its tree in `params/state/`.
+
+Every checkpoint ends with `lima_manifest.json` (`lima_jax.manifest`: size and CRC-32 of each file), written
+once the checkpoint is complete, and every read verifies it first (`check_intact`). A training step folder
+without one is a save that did not finish (or predates checksums); training never resumes from it.
 """
 from __future__ import annotations
 
@@ -21,14 +25,62 @@ from typing import Any, Iterable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
+from lima_jax import distributed, manifest
 from lima_jax.config import ModelConfig
 from lima_jax.errors import CheckpointError, ConfigError
 from lima_jax.paths import PathLike, as_path
 
 PARAMS_DIR = "params"
 MODEL_FILE = "model.json"
+SET_ASIDE = "set_aside"  # under the checkpoints folder: step folders training will not resume from, kept
+
+
+def _this_shard() -> manifest.Shard:
+    return manifest.Shard(jax.process_index(), jax.process_count())
+
+
+def seal(folder: PathLike) -> None:
+    """Writes the manifest of a complete checkpoint folder; every process calls it together (each checksums its
+    share of the files, host 0 merges)."""
+    folder = as_path(folder)
+    distributed.barrier("seal_start")  # every host's files are in place
+    manifest.write_manifest(folder, _this_shard())
+    if jax.process_count() > 1:
+        distributed.barrier("seal_parts")
+        if jax.process_index() == 0:
+            manifest.merge_parts(folder)
+        distributed.barrier("seal_done")
+
+
+def verify_folder(folder: PathLike) -> list[str]:
+    """The problems of a checkpoint folder ("<file>: <what>"), found by all processes together, each reading
+    its share of the files; every process gets a non-empty list when any found one."""
+    problems = manifest.verify(folder, _this_shard())
+    if not distributed.all_processes_ok(not problems) and not problems:
+        problems = ["another process found corrupt files (see its log)"]
+    return problems
+
+
+def describe_problems(folder: PathLike, problems: list[str], limit: int = 5) -> str:
+    shown = "; ".join(f"{as_path(folder)}/{p}" for p in problems[:limit])
+    return shown + (f"; and {len(problems) - limit} more" if len(problems) > limit else "")
+
+
+def check_intact(folder: PathLike) -> None:
+    """Raises CheckpointError naming the folder and the files when a checkpoint does not match its manifest;
+    a checkpoint without a manifest (written before checksums) is read with a warning."""
+    folder = as_path(folder)
+    if not manifest.has_manifest(folder):
+        logging.warning("%s: no %s, so it cannot be verified (written before lima_jax recorded checksums, or "
+                        "its save did not finish); reading it anyway. `python -m lima_jax.verify --adopt %s` "
+                        "records checksums for it.", folder, manifest.MANIFEST, folder)
+        return
+    problems = verify_folder(folder)
+    if problems:
+        raise CheckpointError(f"{folder}: corrupt checkpoint, not used: {describe_problems(folder, problems)}")
 
 
 def has_train_checkpoints(directory: PathLike) -> bool:
@@ -61,6 +113,29 @@ class TrainCheckpoints:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()
+        seal(self.step_folder(step))
+
+    def step_folder(self, step: int) -> epath.Path:
+        return self.directory / str(step)
+
+    def is_sealed(self, step: int) -> bool:
+        """Whether the step's save finished: its manifest, written last, exists."""
+        return manifest.has_manifest(self.step_folder(step))
+
+    def set_aside(self, step: int) -> epath.Path:
+        """Moves a step folder to `<checkpoints>/set_aside/<step>[.N]`, out of training's way but kept (host 0;
+        every host calls it). The manager is reloaded so it no longer lists the step."""
+        target = self.directory / SET_ASIDE / str(step)
+        suffix = 1
+        while target.exists():
+            suffix += 1
+            target = self.directory / SET_ASIDE / f"{step}.{suffix}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.step_folder(step).rename(target)
+        distributed.barrier(f"set_aside_{step}")
+        self.manager.reload()
+        return target
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -69,7 +144,8 @@ class TrainCheckpoints:
         return list(self.manager.all_steps())
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """Restores onto the shardings of `abstract_state` (jax.ShapeDtypeStruct leaves with .sharding)."""
+        """Restores onto the shardings of `abstract_state` (jax.ShapeDtypeStruct leaves with .sharding).
+        Verify the step first (`verify_folder`): orbax reads whatever bytes it finds."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
@@ -91,6 +167,7 @@ def save_params(directory: PathLike, params: Any, model: ModelConfig, extra: dic
     meta = {"model": dataclasses.asdict(model), **(extra or {})}
     if jax.process_index() == 0:
         (directory / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+    seal(directory)
 
 
 def read_params_meta(directory: PathLike) -> dict:
@@ -122,6 +199,7 @@ def save_params_incrementally(directory: PathLike, parts: Iterable[dict], model:
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / PARAMS_DIR
     (directory / MODEL_FILE).unlink(missing_ok=True)  # written last: its presence means complete
+    (directory / manifest.MANIFEST).unlink(missing_ok=True)
     for stale in (target, *directory.glob("params.partial_save*")):  # incl. an interrupted earlier session
         if stale.exists():
             stale.rmtree()
@@ -132,6 +210,7 @@ def save_params_incrementally(directory: PathLike, parts: Iterable[dict], model:
     partial.finalize(target)
     meta = {"model": dataclasses.asdict(model), **(extra or {})}
     (directory / MODEL_FILE).write_text(json.dumps(meta, indent=2))
+    manifest.write_manifest(directory)
 
 
 def _return_freed_memory() -> None:
@@ -150,9 +229,25 @@ def _tree_dir(directory: PathLike) -> epath.Path:
     return path / "state" if (path / "state" / "_METADATA").is_file() else path
 
 
+def check_readable(folder: PathLike) -> None:
+    """Raises CheckpointError unless orbax reads the checkpoint's metadata (tree, shapes) and its JSON meta; the
+    arrays themselves are not loaded."""
+    folder = as_path(folder)
+    params = is_params_checkpoint(folder)
+    try:
+        read_params_meta(folder) if params else read_train_meta(folder)
+        with ocp.PyTreeCheckpointer() as ckptr:
+            ckptr.metadata(_tree_dir(folder) if params else folder / "state")
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax/tensorstore raise many types for a damaged folder
+        raise CheckpointError(f"{folder}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+
+
 def restore_params(directory: PathLike, abstract_params: Any = None) -> Any:
     """Reads `params/`; with `abstract_params` (ShapeDtypeStructs with shardings) straight onto the mesh,
-    cast to their dtypes. Without, as stored (numpy arrays)."""
+    cast to their dtypes. Without, as stored (numpy arrays). Verified against its manifest first."""
+    check_intact(directory)
     with ocp.StandardCheckpointer() as ckptr:
         path = _tree_dir(directory)
         return ckptr.restore(path, abstract_params) if abstract_params is not None else ckptr.restore(path)
@@ -164,6 +259,7 @@ def restore_train_params(step_dir: PathLike, abstract_params: Any = None) -> tup
     With `abstract_params` (ShapeDtypeStructs with shardings) the parameters go straight onto the mesh,
     cast to their dtypes; without, they come back as numpy arrays."""
     step_dir = as_path(step_dir)
+    check_intact(step_dir)
     meta = read_train_meta(step_dir)
     with ocp.PyTreeCheckpointer() as ckptr:
         if abstract_params is None:
@@ -201,3 +297,20 @@ def check_model_matches(stored: dict, model: ModelConfig, where: str, allow_smal
             f"--config.model.vocab_size={vocab})" if vocab < model.vocab_size else "")
     raise ConfigError(f"{where}: checkpoint vocabulary {vocab} differs from the config's model vocabulary "
                       f"{model.vocab_size} (tokenizer + EOT){hint}")
+
+
+# Fields that may differ on resume: they change memory use and speed, not what the network computes.
+RESUMABLE_MODEL_CHANGES = ("remat_policy",)
+
+
+def check_resume_matches(stored: dict, model: ModelConfig, where: str) -> None:
+    """Raises ConfigError naming every model field where the config differs from what the run's checkpoint was
+    trained with (all of ModelConfig but `RESUMABLE_MODEL_CHANGES`); fields an older checkpoint lacks pass."""
+    current = dataclasses.asdict(model)
+    differing = [f"model.{name}: checkpoint {stored[name]!r}, config {value!r}" for name, value in current.items()
+                 if name not in RESUMABLE_MODEL_CHANGES and name in stored and stored[name] != value]
+    if differing:
+        raise ConfigError(f"{where}: this run was trained with a different model than the config describes "
+                          f"({'; '.join(differing)}). Resume with the run's own config (config.json in the "
+                          "workdir), or start a new workdir with --config.init_from=<this workdir> to fine-tune "
+                          "from it.")

@@ -218,6 +218,7 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
            f"must divide train.batch_size={t.batch_size}")
     _check(config, t.log_every > 0, "train.log_every", "must be positive")
     _check(config, t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: per epoch only)")
+    _check(config, t.get("resume_step", 0) >= 0, "train.resume_step", "must be >= 0 (0: the newest checkpoint)")
     o = config.optimizer
     _check(config, o.learning_rate > 0, "optimizer.learning_rate", "must be positive")
     _check(config, 0 <= o.end_learning_rate <= o.learning_rate, "optimizer.end_learning_rate",

@@ -142,3 +142,11 @@ def main_process_says(value: bool) -> bool:
         return value
     from jax.experimental import multihost_utils
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
+def all_processes_ok(ok: bool) -> bool:
+    """Whether `ok` holds on every process: for verdicts each host reaches on its own share of the work."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))

@@ -3,7 +3,8 @@ checkpoint a tool uses.
 
   WORKDIR/
     config.json            the run's full config (what `generate`, `report` and `convert to_hf` read)
-    checkpoints/<step>/    training checkpoints: state/ + meta/ (lima_jax.checkpoint.TrainCheckpoints)
+    checkpoints/<step>/    training checkpoints: state/ + meta/ + lima_manifest.json (lima_jax.checkpoint)
+    checkpoints/set_aside/ step folders training did not resume from (unfinished, or after train.resume_step)
     metrics.jsonl          one JSON object per logged step
     tensorboard/           TensorBoard event files
     dev_reports/epoch_NNN.jsonl   dev-set answers per epoch
@@ -23,8 +24,8 @@ from typing import Any
 from absl import logging
 from etils import epath
 
-from lima_jax.checkpoint import (TrainCheckpoints, is_params_checkpoint, is_train_step_folder, read_params_meta,
-                                 read_train_meta, restore_params, restore_train_params)
+from lima_jax.checkpoint import (SET_ASIDE, TrainCheckpoints, is_params_checkpoint, is_train_step_folder,
+                                 read_params_meta, read_train_meta, restore_params, restore_train_params)
 from lima_jax.config import ModelConfig
 from lima_jax.errors import CheckpointError
 from lima_jax.paths import PathLike, as_path, atomic_write_text
@@ -216,3 +217,19 @@ def load_checkpoint_params(choice: CheckpointChoice, abstract_params: Any = None
     if choice.kind == "train":
         return restore_train_params(choice.folder, abstract_params)
     return restore_params(choice.folder, abstract_params), ModelConfig(**read_params_meta(choice.folder)["model"])
+
+
+def checkpoint_folders(path: PathLike) -> list[epath.Path]:
+    """Every checkpoint `path` holds: a run directory's step folders (in step order, set-aside ones last), or
+    `path` itself when it is one step folder or a parameter checkpoint."""
+    path = as_path(path)
+    if is_params_checkpoint(path) or is_train_step_folder(path):
+        return [path]
+    run = RunDir(path)
+    if not run.is_run():
+        raise CheckpointError(f"{path}: not a training workdir (checkpoints/), a training checkpoint step folder "
+                              "(state/ + meta/) or a parameter checkpoint (model.json + params/)")
+    steps = sorted((p for p in run.checkpoints.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    set_aside = run.checkpoints / SET_ASIDE
+    aside = sorted(p for p in set_aside.iterdir() if is_train_step_folder(p)) if set_aside.is_dir() else []
+    return steps + aside

@@ -1,6 +1,7 @@
 """The one jitted train step: what `lima_jax.train` runs and `lima_jax.layouts` compiles and measures.
 
   loss_sums        summed token cross-entropy and target count of one (micro-)batch
+  all_finite       whether every float of a tree is finite, as one fused reduction
   make_train_step  one optimizer step, gradient accumulation normalized by the total target tokens
   jit_train_step   that step jitted with the state's shardings and the donated state
   abstract_batch   the batch's shapes, for compiling ahead of time
@@ -32,6 +33,13 @@ def loss_sums(params: Any, model: Llama, batch: dict, rng: jax.Array | None, det
     return jnp.sum(token_loss * weights), jnp.sum(weights)
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """True when every floating-point value of `tree` is finite: a reduction per leaf that XLA fuses with the
+    computation producing the leaf (no second pass over the state)."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
 def make_train_step(model: Llama, config: ml_collections.ConfigDict, schedule: optax.Schedule,
                     base_rng: jax.Array) -> Callable:
     """A (state, batch) -> (state, metrics) function; jit it with the state's shardings (`jit_train_step`).
@@ -39,6 +47,7 @@ def make_train_step(model: Llama, config: ml_collections.ConfigDict, schedule: o
     With `grad_accum_steps` = k the batch is split into k micro-batches (rows i, i+k, i+2k, ... so each
     micro-batch stays spread over all data shards); gradients of the *summed* token losses are added up
     and divided once by the total number of target tokens, so the update equals the full-batch update.
+    The metrics include `state_finite`: whether the updated parameters and optimizer state are all finite.
     """
     accum = config.train.grad_accum_steps
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
@@ -73,7 +82,10 @@ def make_train_step(model: Llama, config: ml_collections.ConfigDict, schedule: o
             "target_tokens": count,
             "tokens": jnp.sum(batch["segment_ids"] != 0),
         }
-        return state.apply_gradients(grads=grads), metrics
+        new_state = state.apply_gradients(grads=grads)
+        # What a checkpoint of this step would hold: checked before anything of it is saved.
+        metrics["state_finite"] = all_finite((new_state.params, new_state.opt_state))
+        return new_state, metrics
 
     return train_step
 

@@ -15,14 +15,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lima_jax import checkpoint, data, distributed, runtime, sharding
+from lima_jax import checkpoint, data, distributed, manifest, runtime, sharding
 from lima_jax.config import ModelConfig, validate
-from lima_jax.errors import ConfigError, TrainingDiverged
+from lima_jax.errors import CheckpointError, ConfigError, TrainingDiverged
 from lima_jax.metrics import MetricsWriter
 from lima_jax.optim import learning_rate_schedule, make_optimizer
 from lima_jax.paths import atomic_write_text
 from lima_jax.rundir import RunDir
-from lima_jax.train_step import TrainState, jit_train_step
+from lima_jax.train_step import TrainState, all_finite, jit_train_step
 
 
 @dataclasses.dataclass
@@ -112,15 +112,22 @@ def train(config: ml_collections.ConfigDict, after_epoch: EpochHook | None = Non
         # The state: resumed from the latest checkpoint, else init_from's weights, else a random init.
         abstract, state_shardings = runtime.abstract_train_state(model, tx, rt.mesh, rt.rules)
         checkpoints = checkpoint.TrainCheckpoints(run.checkpoints)
-        latest = checkpoints.latest_step()
-        if latest is not None:
-            where = f"{checkpoints.directory}/{latest}"
-            meta = checkpoints.read_meta(latest)
+
+        def check_run_matches(meta: dict, where: str) -> None:
             data.check_input_signature(meta, data_signature, where)
             check_schedule_length(meta, total_steps, where)
+            checkpoint.check_resume_matches(meta.get("model", {}), rt.model_cfg, where)
+
+        latest = choose_resume_step(checkpoints, config.train.get("resume_step", 0), check_run_matches)
+        if latest is not None:
+            where = f"{checkpoints.step_folder(latest)}"
+            meta = checkpoints.read_meta(latest)
+            check_run_matches(meta, where)
             state, _ = checkpoints.restore(latest, abstract)
+            _check_restored_finite(state, where)
             position = position_after(meta, steps_per_epoch)
-            logging.info("resumed from %s: epoch %d, %d batches done", where, meta["epoch"], meta["batches_done"])
+            logging.info("resumed from %s (verified): epoch %d, %d batches done", where, meta["epoch"],
+                         meta["batches_done"])
         else:
             state, position = runtime.initial_state(config, rt, tx, state_shardings), Position()
         _save_config(config, run)
@@ -154,7 +161,7 @@ def train(config: ml_collections.ConfigDict, after_epoch: EpochHook | None = Non
                     state, metrics = step_fn(state, runtime.global_batch(local, batch_sharding, batch_shape))
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     step = int(state.step)
-                    _check_finite(metrics, epoch, step, checkpoints)
+                    _check_finite(metrics, epoch, step, checkpoints, resumed_from=latest)
                     metrics.update(epoch=epoch, tokens_per_s=metrics["tokens"] / (time.perf_counter() - tic))
                     last_metrics = metrics
                     end_of_epoch = batch_index == steps_per_epoch
@@ -166,7 +173,7 @@ def train(config: ml_collections.ConfigDict, after_epoch: EpochHook | None = Non
                         checkpoints.save(step, state, {"epoch": epoch, "batches_done": batch_index, "step": step,
                                                        "data_signature": data_signature,
                                                        "total_steps": total_steps,
-                                                       "end_of_epoch": end_of_epoch,
+                                                       "end_of_epoch": end_of_epoch, "checksummed": True,
                                                        "model": dataclasses.asdict(rt.model_cfg)})
                         if end_of_epoch:
                             logging.info("epoch %d done: checkpoint %s/%d", epoch, checkpoints.directory, step)
@@ -179,12 +186,100 @@ def train(config: ml_collections.ConfigDict, after_epoch: EpochHook | None = Non
     return last_metrics
 
 
-def _check_finite(metrics: dict[str, float], epoch: int, step: int, checkpoints: checkpoint.TrainCheckpoints) -> None:
+def choose_resume_step(checkpoints: checkpoint.TrainCheckpoints, requested: int,
+                       check_run_matches: Callable[[dict, str], None]) -> int | None:
+    """The verified checkpoint a restarted run resumes from; None for a new run.
+
+    `requested` (train.resume_step) names one, 0 the newest. Newer step folders whose save did not finish (no
+    manifest though their meta says one was due) are set aside with a warning: they were never complete. A
+    corrupt newest checkpoint is refused, naming the newest intact one and the flag that resumes from it:
+    falling back silently would hide a failing disk and redo epochs unnoticed. `check_run_matches(meta, where)`
+    checks the newest step's meta (data, schedule, model) before any checkpoint is read in full."""
+    steps = sorted(checkpoints.all_steps())
+    flag = "config.train.resume_step"
+    if requested and requested not in steps:
+        raise ConfigError(f"--{flag}={requested}: {checkpoints.directory} has no checkpoint {requested} "
+                          f"(it has {steps or 'none'})")
+    if not steps:
+        return None
+    try:
+        newest_meta = checkpoints.read_meta(steps[-1])
+    except Exception:  # unreadable: reported below by its verification
+        newest_meta = None
+    if newest_meta is not None:
+        check_run_matches(newest_meta, str(checkpoints.step_folder(steps[-1])))
+    if requested:
+        _require_intact(checkpoints, requested, [])
+        for later in (s for s in steps if s > requested):
+            _set_aside(checkpoints, later, f"it is newer than --{flag}={requested}")
+        return requested
+    for step in reversed(steps):
+        if checkpoints.is_sealed(step):
+            _require_intact(checkpoints, step, [s for s in steps if s < step])
+            return step
+        if not _save_was_checksummed(checkpoints, step):
+            raise CheckpointError(
+                f"{checkpoints.step_folder(step)}: no {manifest.MANIFEST}: this checkpoint was written "
+                "before lima_jax recorded checksums, so it cannot be verified. `python -m lima_jax.verify --adopt "
+                f"{checkpoints.directory.parent}` checks that every checkpoint loads and records its checksums; "
+                "then restart.")
+        _set_aside(checkpoints, step, "its save did not finish (no manifest): the run stopped while writing it")
+    return None
+
+
+def _save_was_checksummed(checkpoints: checkpoint.TrainCheckpoints, step: int) -> bool:
+    try:
+        return bool(checkpoints.read_meta(step).get("checksummed"))
+    except Exception:  # orbax finished the folder but its meta is unreadable: treat as an unfinished save
+        return True
+
+
+def _set_aside(checkpoints: checkpoint.TrainCheckpoints, step: int, why: str) -> None:
+    target = checkpoints.set_aside(step)
+    logging.warning("checkpoint %s is not resumed from: %s. Moved to %s (kept; delete it yourself once you "
+                    "have looked).", checkpoints.step_folder(step), why, target)
+
+
+def _require_intact(checkpoints: checkpoint.TrainCheckpoints, step: int, older: list[int]) -> None:
+    """Raises CheckpointError when `step` is corrupt, naming the newest intact one of `older` and the flag."""
+    folder = checkpoints.step_folder(step)
+    problems = checkpoint.verify_folder(folder)
+    if not problems:
+        return
+    intact = next((s for s in reversed(older) if checkpoints.is_sealed(s) and not checkpoint.verify_folder(
+        checkpoints.step_folder(s))), None)
+    advice = (f"The newest intact checkpoint is {checkpoints.step_folder(intact)}: restart with "
+              f"--config.train.resume_step={intact} to resume from it (the newer ones are then moved to "
+              f"{checkpoints.directory / checkpoint.SET_ASIDE}, kept)." if intact is not None else
+              "No older checkpoint is intact: start again in a new workdir.")
+    raise CheckpointError(f"{folder}: corrupt checkpoint, not resumed from: "
+                          f"{checkpoint.describe_problems(folder, problems)}. {advice}")
+
+
+def _check_restored_finite(state: TrainState, where: str) -> None:
+    if not bool(jax.jit(all_finite)((state.params, state.opt_state))):
+        raise CheckpointError(f"{where}: its checksums match, but it holds NaN or infinite values (written by a "
+                              "lima_jax that did not check the updated state before saving): resume from an "
+                              "earlier checkpoint with --config.train.resume_step=<step>.")
+
+
+def _check_finite(metrics: dict[str, float], epoch: int, step: int, checkpoints: checkpoint.TrainCheckpoints,
+                  resumed_from: int | None) -> None:
+    """Stops training before anything non-finite is saved. The state this step started from was finite (it
+    was checked after the previous step, or verified and checked on restore), so this is divergence."""
+    started = (f"resumed from the verified checkpoint {checkpoints.step_folder(resumed_from)}" if resumed_from
+               else "a finite state")
+    latest = checkpoints.latest_step()
+    advice = (f"no checkpoint of this state was written (latest good: {checkpoints.step_folder(latest)}). "
+              if latest is not None else "no checkpoint of this state was written. ")
+    advice += "Lower optimizer.learning_rate or set optimizer.grad_clip_norm, then restart."
     if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
-        raise TrainingDiverged(
-            f"loss {metrics['loss']} / grad_norm {metrics['grad_norm']} at epoch {epoch} step {step}: "
-            f"training stopped; no checkpoint of this state was written (latest good: "
-            f"{checkpoints.latest_step()}). Lower optimizer.learning_rate or set grad_clip_norm.")
+        raise TrainingDiverged(f"diverged at epoch {epoch} step {step}: loss {metrics['loss']} / grad_norm "
+                               f"{metrics['grad_norm']} from {started}; {advice}")
+    if not metrics["state_finite"]:
+        raise TrainingDiverged(f"diverged at epoch {epoch} step {step}: the update made the parameters or the "
+                               f"optimizer state NaN or infinite (loss {metrics['loss']:.4f} and grad_norm "
+                               f"{metrics['grad_norm']:.4g} were finite, from {started}); {advice}")
 
 
 def _save_config(config: ml_collections.ConfigDict, run: RunDir) -> None:

@@ -21,7 +21,7 @@ LAYERS = (
     ("lima_jax", CORE), ("lima_jax.errors", CORE), ("lima_jax.paths", CORE), ("lima_jax.config", CORE),
     ("lima_jax.tokenizer", CORE), ("lima_jax.model", CORE), ("lima_jax.sharding", CORE), ("lima_jax.optim", CORE),
     ("lima_jax.distributed", CORE), ("lima_jax.data", CORE), ("lima_jax.data.*", CORE), ("lima_jax.records", CORE),
-    ("lima_jax.checkpoint", CORE), ("lima_jax.rundir", CORE), ("lima_jax.metrics", CORE),
+    ("lima_jax.checkpoint", CORE), ("lima_jax.rundir", CORE), ("lima_jax.metrics", CORE), ("lima_jax.manifest", CORE),
     ("lima_jax.runtime", RUNTIME), ("lima_jax.train_step", RUNTIME),
     ("lima_jax.training", WORKFLOW), ("lima_jax.generation", WORKFLOW), ("lima_jax.dev_report", WORKFLOW),
     ("lima_jax.evaluation", WORKFLOW), ("lima_jax.evaluation.*", WORKFLOW),
@@ -29,6 +29,7 @@ LAYERS = (
     ("lima_jax.analysis", WORKFLOW), ("lima_jax.analysis.*", WORKFLOW),
     ("lima_jax.cli", ENTRY), ("lima_jax.train", ENTRY), ("lima_jax.generate", ENTRY), ("lima_jax.report", ENTRY),
     ("lima_jax.eval", ENTRY), ("lima_jax.convert", ENTRY), ("lima_jax.layouts", ENTRY), ("lima_jax.bench", ENTRY),
+    ("lima_jax.verify", ENTRY),
 )
 FLAG_DEFINERS = ("ArgumentParser", "DEFINE_", "config_flags")
 
