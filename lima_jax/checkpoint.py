@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
+import time
 from typing import Any, Iterable
 
 import jax
@@ -110,10 +111,15 @@ class TrainCheckpoints:
             item_names=("state", "meta"))
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        tic = time.perf_counter()
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()
+        saved = time.perf_counter()
         seal(self.step_folder(step))
+        self.last_save_s, self.last_seal_s = saved - tic, time.perf_counter() - saved
+        logging.info("checkpoint %s: written in %.2f s, checksums in %.2f s", self.step_folder(step),
+                     self.last_save_s, self.last_seal_s)
 
     def step_folder(self, step: int) -> epath.Path:
         return self.directory / str(step)
