@@ -8,9 +8,11 @@
 An import writes a lima_jax parameter checkpoint (`params/` + `model.json`) that `config.init_from` reads.
 `to_hf` reads such a folder, a training checkpoint (`workdir/checkpoints/<step>`) or a run directory (its
 chosen epoch, else its latest checkpoint; it prints which) and writes a folder that transformers loads offline;
-without `--tokenizer` it takes the run's `config.tokenizer.path`. Every command writes `<output>.partial` and
-renames it onto `--output` when complete; a non-empty `--output` is replaced only with `--overwrite`.
-Paths may be local or gs:// URLs. The library is `lima_jax.conversion`; docs/checkpoints.md has the details.
+without `--tokenizer` it takes the run's `config.tokenizer.path`. Every command writes
+`<output>.lima-partial-<random>` and renames it onto `--output` when complete; a non-empty `--output` is
+replaced only with `--overwrite`, and only when it is a lima_jax checkpoint or export (any other folder is
+refused untouched). Paths may be local or gs:// URLs. The library is `lima_jax.conversion`;
+docs/checkpoints.md has the details.
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ from lima_jax import cli, conversion, rundir
 
 _SOURCES = {"from_hf": conversion.HuggingFaceSource, "from_meta": conversion.MetaSource,
             "from_llama2c": conversion.Llama2cSource}
-_OVERWRITE_HELP = ("replace a non-empty --output (as a whole, once the new folder is complete); without it such "
-                   "an --output is refused")
+_OVERWRITE_HELP = ("replace a non-empty --output that is a lima_jax checkpoint or Hugging Face export (as a "
+                   "whole, once the new folder is complete); without it, and for any other folder, the --output "
+                   "is refused")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -427,13 +427,14 @@ def _crashing_writer(monkeypatch):
 def test_export_failing_midway_leaves_output_as_it_was(exported, other_lima, tmp_path, monkeypatch):
     lima, _ = exported
     hf = tmp_path / "hf"
-    (tmp_path / "hf.partial").mkdir()  # left over from a killed run: removed, never taken for the output
-    (tmp_path / "hf.partial" / "model.safetensors").write_bytes(b"stale")
+    (tmp_path / "hf.partial").mkdir()  # a user's folder with a temporary-looking name: never touched
+    (tmp_path / "hf.partial" / "model.safetensors").write_bytes(b"user's")
     with monkeypatch.context() as m:
         _crashing_writer(m)
         with pytest.raises(OSError, match="simulated"):
             conversion.export_hf(lima, TOY_TOKENIZER, hf)
-    assert _siblings(hf) == []  # no output (not even an empty folder), no temporary folder
+    assert _siblings(hf) == ["hf.partial"]  # no output (not even an empty folder), no temporary folder
+    assert (tmp_path / "hf.partial" / "model.safetensors").read_bytes() == b"user's"
 
     conversion.export_hf(lima, TOY_TOKENIZER, hf)
     before = _snapshot(hf)
@@ -441,7 +442,7 @@ def test_export_failing_midway_leaves_output_as_it_was(exported, other_lima, tmp
         _crashing_writer(m)
         with pytest.raises(OSError, match="simulated"):
             conversion.export_hf(other_lima, TOY_TOKENIZER, hf, overwrite=True)
-    assert _snapshot(hf) == before and _siblings(hf) == ["hf"]
+    assert _snapshot(hf) == before and _siblings(hf) == ["hf", "hf.partial"]
 
 
 def test_import_into_existing_checkpoint_needs_overwrite(tmp_path, monkeypatch):
@@ -490,9 +491,10 @@ def test_import_without_model_json_is_not_a_checkpoint(tmp_path):
 # ------------------------------------------------------------------------------------- bad input
 
 
-def _tiny_hf_folder(folder: pathlib.Path, dtype: str = "float32", **config) -> pathlib.Path:
-    """A minimal valid HF folder written without transformers (config + one safetensors)."""
-    cfg = ModelConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=24)
+def _tiny_hf_folder(folder: pathlib.Path, dtype: str = "float32", vocab_size: int = 32, **config) -> pathlib.Path:
+    """A minimal valid HF folder written without transformers (config + one safetensors); vocab_size=513 is the
+    toy tokenizer plus EOT."""
+    cfg = ModelConfig(vocab_size=vocab_size, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=24)
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)

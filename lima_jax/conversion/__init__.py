@@ -18,22 +18,29 @@ Memory: a reader yields one tensor at a time and the checkpoint is written one p
 layers' w1) at a time, so peak host memory is about the largest stacked kind plus one source tensor. Inputs
 are validated (config fields, missing files, tensor shapes) before any tensor is read.
 
-Output: every command writes into a sibling `<output>.partial` and renames it onto the output only when
-complete (`output.atomic_folder`), so a crash never leaves a half-written folder there. An existing non-empty
-output is refused unless `overwrite`; the old folder is then deleted only after the new one is in place.
-Paths are `etils.epath` paths (`lima_jax.paths.as_path`): local, or gs:// URLs.
+Output: every command writes into a sibling `<output>.lima-partial-<random token>` and renames it onto the
+output only when complete (`output.atomic_folder`), so a crash never leaves a half-written folder there; it
+deletes only folders it created itself, never a user's `<output>.partial` or `<output>.old`, nor an input. An
+existing non-empty output is refused unless `overwrite`, and even then unless it is a lima_jax parameter
+checkpoint or a lima_jax Hugging Face export (marked by `output.EXPORT_MARKER`): `output.is_lima_output`. The
+old folder is deleted only after the new one is in place. Paths are `etils.epath` paths
+(`lima_jax.paths.as_path`): local, or gs:// URLs.
+
+Tokenizer export: the chat template escapes special-token text (`<eot>`, `<s>`, ...) in message content, and
+the tokenizer's normalizer undoes the escape, so a user who types `<eot>` gets the ids lima_jax gives it
+(text), not the EOT id (`tokenizer_export`).
 
 Modules, one concern each:
   rope              interleaved_to_halves / halves_to_interleaved
   params_table      the Hugging Face name <-> lima_jax tree table
   source            the Source protocol of readers, input checks, dtype names
   safetensors_io    .safetensors header reader, tensor reads, writer
-  output            the atomic output folder and --overwrite
+  output            the atomic output folder, --overwrite, the export marker
   hf_reader         HuggingFaceSource, hf_config_to_model
   meta_reader       MetaSource (params.json checks, model-parallel shard merging)
   llama2c_reader    Llama2cSource
   importer          check_source, import_checkpoint
-  tokenizer_export  write_hf_tokenizer, CHAT_TEMPLATE
+  tokenizer_export  write_hf_tokenizer, chat_template (special-token text escaped), CHAT_TEMPLATE
   hf_writer         export_hf and its parts (model_to_hf_config, hf_tensors, write_hf_weights, ...)
 """
 from lima_jax.conversion.hf_reader import HuggingFaceSource, hf_config_to_model
@@ -42,17 +49,18 @@ from lima_jax.conversion.hf_writer import (export_hf, export_tokenizer, hf_tenso
 from lima_jax.conversion.importer import check_source, import_checkpoint
 from lima_jax.conversion.llama2c_reader import Llama2cSource
 from lima_jax.conversion.meta_reader import MetaSource, meta_hidden_dim
-from lima_jax.conversion.output import atomic_folder, check_output
+from lima_jax.conversion.output import EXPORT_MARKER, atomic_folder, check_output, is_hf_export, is_lima_output
 from lima_jax.conversion.rope import halves_to_interleaved, interleaved_to_halves
 from lima_jax.conversion.safetensors_io import read_safetensors_header, read_tensor, write_safetensors
 from lima_jax.conversion.source import DTYPES, Source
-from lima_jax.conversion.tokenizer_export import CHAT_TEMPLATE, write_hf_tokenizer
+from lima_jax.conversion.tokenizer_export import CHAT_TEMPLATE, chat_template, write_hf_tokenizer
 from lima_jax.errors import ConversionError
 
 __all__ = [
-    "CHAT_TEMPLATE", "DTYPES", "ConversionError", "HuggingFaceSource", "Llama2cSource", "MetaSource", "Source",
-    "atomic_folder", "check_output", "check_source", "export_hf", "export_tokenizer", "halves_to_interleaved",
-    "hf_config_to_model", "hf_tensors", "import_checkpoint", "interleaved_to_halves", "load_lima_params",
+    "CHAT_TEMPLATE", "DTYPES", "EXPORT_MARKER", "ConversionError", "HuggingFaceSource", "Llama2cSource",
+    "MetaSource", "Source", "atomic_folder", "chat_template", "check_output", "check_source", "export_hf",
+    "export_tokenizer", "halves_to_interleaved", "hf_config_to_model", "hf_tensors", "import_checkpoint",
+    "interleaved_to_halves", "is_hf_export", "is_lima_output", "load_lima_params",
     "meta_hidden_dim", "model_to_hf_config", "read_safetensors_header", "read_tensor", "run_of",
     "write_hf_tokenizer", "write_hf_weights", "write_safetensors",
 ]

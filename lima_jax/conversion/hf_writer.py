@@ -1,7 +1,9 @@
 """Export: a lima_jax checkpoint (parameter folder, training step folder, or a run: see
 `rundir.resolve_checkpoint`) written as a Hugging Face LLaMA folder that `transformers` loads offline:
 safetensors weights (sharded above a size), config.json, generation_config.json and the tokenizer, with
-lima_jax's EOT as the special and stop token. The parameters are held once; tensors are streamed out."""
+lima_jax's EOT as the special and stop token, and last the marker `output.EXPORT_MARKER` by which a later
+`--overwrite` recognizes the folder as an export it may replace. The parameters are held once; tensors are
+streamed out."""
 from __future__ import annotations
 
 import json
@@ -13,7 +15,7 @@ from etils import epath
 
 from lima_jax import rundir
 from lima_jax.config import ModelConfig, load_config_file
-from lima_jax.conversion.output import atomic_folder, check_output
+from lima_jax.conversion.output import atomic_folder, check_output, mark_hf_export
 from lima_jax.conversion.params_table import hf_names, leaf, params_of
 from lima_jax.conversion.safetensors_io import write_safetensors
 from lima_jax.conversion.source import numpy_dtype, require
@@ -134,7 +136,8 @@ def export_hf(checkpoint: Checkpoint, tokenizer_path: PathLike | None, output: P
     stop token.
 
     The folder is written atomically (see `output.atomic_folder`): an existing non-empty `output` is refused
-    unless `overwrite`, and is then replaced as a whole, so no file of an earlier export survives."""
+    unless `overwrite`, and is then replaced as a whole, so no file of an earlier export survives; with
+    `overwrite` too, only a lima_jax checkpoint or export is replaced (`output.is_lima_output`)."""
     choice = _choice(checkpoint)
     tokenizer_path, _ = export_tokenizer(choice, tokenizer_path)
     tok = _open_tokenizer(tokenizer_path)  # fails early, before the weights are read
@@ -155,4 +158,5 @@ def export_hf(checkpoint: Checkpoint, tokenizer_path: PathLike | None, output: P
         (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
         (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
         write_hf_tokenizer(tok, folder, with_eot=has_eot)
+        mark_hf_export(folder)
     return cfg

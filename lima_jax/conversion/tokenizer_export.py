@@ -1,5 +1,21 @@
 """The Hugging Face tokenizer of an export: a `tokenizers` BPE built from the sentencepiece model that encodes
-exactly as sentencepiece does, with lima_jax's EOT as a special token and a chat template for its turn format."""
+exactly as sentencepiece does, with lima_jax's EOT as a special token and a chat template for its turn format.
+
+Special-token text typed by a user. Sentencepiece, and so `Tokenizer.encode_dialog`, encodes the text `<eot>`,
+`<s>` or `</s>` inside a turn as ordinary characters; Hugging Face matches added special tokens in any input
+string, so a message containing `<eot>` would end its turn early (and could inject an assistant turn). The
+chat template therefore escapes every special token's text in message content: it inserts `ESCAPE` (U+FDD0,
+a Unicode noncharacter, reserved for internal use and never in real text) after the token's first character,
+`<eot>` -> `<\ufdd0eot>`, which no longer matches; an `ESCAPE` the user wrote after such a first character is
+doubled first, so the escaping is reversible. The first step of the tokenizer's normalizer undoes it (`<` +
+ESCAPE -> `<`) before sentencepiece's own normalization, so the content encodes exactly as lima_jax encodes
+it, while the template's own `<s>` and `<eot>` still become their ids. `split_special_tokens` was not used:
+transformers' `apply_chat_template` tokenizes the rendered text with the tokenizer's setting, so the template's
+own special tokens would become text too.
+
+A plain `tokenizer(text)` call still follows the Hugging Face convention and matches special-token text;
+`tokenizer(text, split_special_tokens=True)` encodes such text as lima_jax does. Either call differs from
+sentencepiece only for text containing a first character of a special token followed by U+FDD0."""
 from __future__ import annotations
 
 import json
@@ -12,7 +28,36 @@ from lima_jax.paths import as_path
 from lima_jax.tokenizer import EOT_PIECE, Tokenizer
 
 _SP_NORMAL, _SP_USER_DEFINED, _SP_BPE = 1, 4, 2
-CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}<eot>{% endfor %}"
+ESCAPE = "\ufdd0"
+
+
+def _jinja_string(text: str) -> str:
+    """`text` as a Jinja string literal (non-ASCII characters as \\u escapes)."""
+    return "'" + text.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
+
+
+def _escapes(specials: Sequence[str]) -> list[tuple[str, str]]:
+    """(text, replacement) pairs, applied in order, that leave no special token's text in a string: first
+    `<first char> ESCAPE` doubles its ESCAPE, then each special token gets ESCAPE after its first character."""
+    firsts = sorted({token[0] for token in specials})
+    return ([(c + ESCAPE, c + ESCAPE + ESCAPE) for c in firsts]
+            + [(token, token[0] + ESCAPE + token[1:]) for token in specials])
+
+
+def _unescapes(specials: Sequence[str]) -> list[tuple[str, str]]:
+    """The normalizer's literal replacements that undo `_escapes`: `<first char> ESCAPE` -> `<first char>`."""
+    return [(c + ESCAPE, c) for c in sorted({token[0] for token in specials})]
+
+
+def chat_template(specials: Sequence[str]) -> str:
+    """lima_jax's turn format, `<bos> turn <eot> turn <eot> ...`, with each message's content escaped
+    (`_escapes`) so that special-token text in it is encoded as text (see the module docstring)."""
+    filters = "".join(f" | replace({_jinja_string(a)}, {_jinja_string(b)})" for a, b in _escapes(specials))
+    return ("{{ bos_token }}{% for message in messages %}{{ message['content']" + filters
+            + " }}" + EOT_PIECE + "{% endfor %}")
+
+
+CHAT_TEMPLATE = chat_template(("<unk>", "<s>", "</s>", EOT_PIECE))  # LLaMA's sentencepiece specials
 
 
 def _bpe_merges(pieces: Sequence[Any]) -> list[tuple[str, str]]:
@@ -31,7 +76,7 @@ def _bpe_merges(pieces: Sequence[Any]) -> list[tuple[str, str]]:
 def write_hf_tokenizer(tok: Tokenizer, folder: epath.Path, with_eot: bool) -> None:
     """tokenizer.json (+ config) reproducing the sentencepiece BPE encoding exactly: same normalization
     (charsmap, whitespace, dummy prefix), byte fallback, BOS added; `<eot>` special when `with_eot`, with a
-    chat template that yields `Tokenizer.encode_dialog`'s ids."""
+    chat template that yields `Tokenizer.encode_dialog`'s ids, special-token text in messages included."""
     from sentencepiece import sentencepiece_model_pb2
     from tokenizers import AddedToken, Regex, decoders, normalizers, processors
     from tokenizers import Tokenizer as HFTokenizer
@@ -50,8 +95,15 @@ def write_hf_tokenizer(tok: Tokenizer, folder: epath.Path, with_eot: bool) -> No
     unk = proto.pieces[proto.trainer_spec.unk_id].piece
     hf = HFTokenizer(BPE(vocab=vocab, merges=_bpe_merges(proto.pieces), unk_token=unk, fuse_unk=True,
                          byte_fallback=proto.trainer_spec.byte_fallback))
+    bos = proto.pieces[tok.bos_id].piece
+    eos = proto.pieces[tok.eos_id].piece
+    specials = [unk, bos, eos] + ([EOT_PIECE] if with_eot else [])
+    require(all(token and ESCAPE not in token for token in specials), tok.path,
+            f"special pieces {specials} must be non-empty and free of U+FDD0")
     spec = proto.normalizer_spec
-    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    steps = [normalizers.Replace(a, b) for a, b in _unescapes(specials)]  # before anything else: see above
+    if spec.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
     if spec.remove_extra_whitespaces:  # strip and collapse spaces; \A and \z, as ^ and $ match at every line
         steps += [normalizers.Replace(Regex(r"\A +"), ""), normalizers.Replace(Regex(r" +\z"), ""),
                   normalizers.Replace(Regex(" {2,}"), " ")]
@@ -64,9 +116,6 @@ def write_hf_tokenizer(tok: Tokenizer, folder: epath.Path, with_eot: bool) -> No
     if spec.add_dummy_prefix:
         decode.append(decoders.Strip(" ", 1, 0))
     hf.decoder = decoders.Sequence(decode)
-    bos = proto.pieces[tok.bos_id].piece
-    eos = proto.pieces[tok.eos_id].piece
-    specials = [unk, bos, eos] + ([EOT_PIECE] if with_eot else [])
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     if with_eot:
         require(hf.token_to_id(EOT_PIECE) == tok.eot_id, tok.path, "EOT id mismatch")
@@ -77,7 +126,7 @@ def write_hf_tokenizer(tok: Tokenizer, folder: epath.Path, with_eot: bool) -> No
               "eos_token": EOT_PIECE if with_eot else eos, "add_bos_token": True, "add_eos_token": False,
               "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000}
     if with_eot:
-        config["chat_template"] = CHAT_TEMPLATE
+        config["chat_template"] = chat_template(specials)
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     special_map = {k: config[k] for k in ("bos_token", "eos_token", "unk_token")}
     (folder / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))
