@@ -3,6 +3,7 @@ checkpoint a tool uses.
 
   WORKDIR/
     config.json            the run's full config (what `generate`, `report` and `convert to_hf` read)
+    run.lock               held by the training run that writes here (lima_jax.runlock); gone when it ends
     checkpoints/<step>/    training checkpoints: state/ + meta/ (lima_jax.checkpoint.TrainCheckpoints)
     metrics.jsonl          one JSON object per logged step
     tensorboard/           TensorBoard event files
@@ -30,6 +31,7 @@ from lima_jax.errors import CheckpointError
 from lima_jax.paths import PathLike, as_path, atomic_write_text
 
 CONFIG = "config.json"
+LOCK = "run.lock"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -55,6 +57,7 @@ class RunDir:
         return cls(as_path(workdir))
 
     config = _entry(CONFIG)
+    lock = _entry(LOCK)
     checkpoints = _entry(CHECKPOINTS)
     metrics = _entry(METRICS)
     tensorboard = _entry(TENSORBOARD)
