@@ -29,7 +29,10 @@ setup(
         "absl-py",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        # gcsfs: the gs:// filesystem etils.epath uses without TensorFlow; the emulator runs the gs:// tests locally.
+        "test": ["pytest>=8", "pytest-xdist>=3", "gcsfs>=2023.1", "gcp-storage-emulator>=2024.8"],
+        # gs:// workdirs, data and checkpoints (Cloud TPU pod slices): etils.epath reaches GCS through gcsfs.
+        "gcs": ["gcsfs>=2023.1"],
         # `python -m lima_jax.convert to_hf`: the Hugging Face tokenizer.json is built with `tokenizers`.
         "export": ["tokenizers>=0.20", "protobuf>=4"],
         # Reference LLaMA for conversion parity tests (CPU wheel of torch is enough); `from_meta` needs torch.

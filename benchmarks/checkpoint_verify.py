@@ -23,7 +23,7 @@ import numpy as np
 
 from lima_jax import checkpoint
 
-TOY_PARAMS = 370_000  # configs/toy.py (lima_jax logs "total parameters")
+TOY_PARAMS = 250_560  # configs/toy.py (training logs "total parameters")
 CHUNK = 1 << 26  # elements per array: like the larger LLaMA matrices
 
 

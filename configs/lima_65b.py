@@ -53,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.log_every = 1
     c.train.checkpoint_every_steps = 0  # 0: one checkpoint at the end of every epoch, all kept
     c.train.resume_step = 0  # 0: resume from the newest verified checkpoint; N: from checkpoints/N
+    # The workdir's run lock (docs/training.md): heartbeat every 60 s; one older than 600 s is stale.
+    c.train.lock_heartbeat_s = 60.0
+    c.train.lock_stale_s = 600.0
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-5  # no warmup, linear decay to 1e-6 at the end of training

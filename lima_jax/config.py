@@ -23,6 +23,10 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 LOSS_ON = ("assistant", "all")
 ON_BAD_EXAMPLE = ("error", "skip")
+# The run lock's timing (train.lock_heartbeat_s / train.lock_stale_s) where a config lacks it (an older
+# config.json); configs/lima_65b.py sets the same values.
+LOCK_HEARTBEAT_S = 60.0
+LOCK_STALE_S = 600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +188,16 @@ def _lookup(config: ml_collections.ConfigDict, field: str) -> Any:
     return node
 
 
+def lock_timing(config: ml_collections.ConfigDict) -> tuple[float, float]:
+    """(train.lock_heartbeat_s, train.lock_stale_s), the defaults where the config lacks them."""
+    train = config.get("train") or {}
+    return train.get("lock_heartbeat_s", LOCK_HEARTBEAT_S), train.get("lock_stale_s", LOCK_STALE_S)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     """Raises ConfigError naming the config file and field for the first illegal value. With `paths=False`
     the workdir, training-data and tokenizer paths may be empty (tools that compile or generate only)."""
@@ -219,6 +233,12 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, t.log_every > 0, "train.log_every", "must be positive")
     _check(config, t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: per epoch only)")
     _check(config, t.get("resume_step", 0) >= 0, "train.resume_step", "must be >= 0 (0: the newest checkpoint)")
+    heartbeat_s, stale_s = lock_timing(config)
+    _check(config, _is_number(heartbeat_s) and heartbeat_s > 0, "train.lock_heartbeat_s",
+           "must be a positive number of seconds (how often a run rewrites the heartbeat of its run.lock)")
+    _check(config, _is_number(stale_s) and _is_number(heartbeat_s) and stale_s >= 2 * heartbeat_s,
+           "train.lock_stale_s", f"must be at least twice train.lock_heartbeat_s={heartbeat_s!r}: a run.lock whose "
+           "heartbeat is older is taken over, which must never happen to a live run")
     o = config.optimizer
     _check(config, o.learning_rate > 0, "optimizer.learning_rate", "must be positive")
     _check(config, 0 <= o.end_learning_rate <= o.learning_rate, "optimizer.end_learning_rate",

@@ -115,10 +115,7 @@ def barrier(name: str, timeout_s: int | None = None) -> None:
     """Waits until every process reaches the barrier `name`, or raises DistributedError after `timeout_s`."""
     if jax.process_count() == 1:
         return
-    from jax._src import distributed as jax_distributed  # the client is not exported publicly
-    client = jax_distributed.global_state.client
-    if client is None:
-        raise DistributedError(f"barrier {name!r}: jax.distributed is not initialized")
+    client = _client(f"barrier {name!r}")
     timeout_s = barrier_timeout_s() if timeout_s is None else timeout_s
     barrier_id = f"lima_{name}_{next(_barrier_ids)}"  # all processes call barriers in the same order
     try:
@@ -128,6 +125,36 @@ def barrier(name: str, timeout_s: int | None = None) -> None:
             f"process {jax.process_index()} of {jax.process_count()} waited {timeout_s}s at barrier {name!r} "
             f"and not every process arrived ({type(e).__name__}: {e}). Another host probably failed earlier: "
             f"look at its log.") from e
+
+
+def _client(what: str):
+    """jax.distributed's coordination client (not exported publicly); DistributedError if not connected."""
+    from jax._src import distributed as jax_distributed
+    client = jax_distributed.global_state.client
+    if client is None:
+        raise DistributedError(f"{what}: jax.distributed is not initialized")
+    return client
+
+
+def main_process_text(name: str, text: str, timeout_s: int | None = None) -> str:
+    """Host 0's `text` on every host (the other hosts' `text` is ignored), through the coordinator's key-value
+    store: no device work, so it serves decisions taken before anything is compiled. Every host calls it
+    with the same `name`, in the same order; DistributedError when host 0 does not send within `timeout_s`."""
+    if jax.process_count() == 1:
+        return text
+    client = _client(f"message {name!r}")
+    key = f"lima_{name}_{next(_barrier_ids)}"
+    if is_main_process():
+        client.key_value_set(key, text)
+        return text
+    timeout_s = barrier_timeout_s() if timeout_s is None else timeout_s
+    try:
+        return client.blocking_key_value_get(key, int(timeout_s * 1000))
+    except Exception as e:
+        raise DistributedError(
+            f"process {jax.process_index()} of {jax.process_count()} waited {timeout_s}s for process 0's "
+            f"{name!r} and it did not come ({type(e).__name__}: {e}). Process 0 probably failed earlier: look at "
+            "its log.") from e
 
 
 def is_main_process() -> bool:

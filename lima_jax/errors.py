@@ -37,3 +37,10 @@ class TrainingDiverged(LimaError, RuntimeError):
     """The loss became NaN or infinite; no checkpoint of that state was written."""
 
     exit_status = 3
+
+
+class RunLocked(LimaError, RuntimeError):
+    """Another training run holds the workdir's run lock (`<workdir>/run.lock`), or took it over from this
+    run; the message names the lock file and its holder."""
+
+    exit_status = 5

@@ -3,6 +3,7 @@ checkpoint a tool uses.
 
   WORKDIR/
     config.json            the run's full config (what `generate`, `report` and `convert to_hf` read)
+    run.lock               held by the training run that writes here (lima_jax.runlock); gone when it ends
     checkpoints/<step>/    training checkpoints: state/ + meta/ + lima_manifest.json (lima_jax.checkpoint)
     checkpoints/set_aside/ step folders training did not resume from (unfinished, or after train.resume_step)
     metrics.jsonl          one JSON object per logged step
@@ -31,6 +32,7 @@ from lima_jax.errors import CheckpointError
 from lima_jax.paths import PathLike, as_path, atomic_write_text
 
 CONFIG = "config.json"
+LOCK = "run.lock"
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -56,6 +58,7 @@ class RunDir:
         return cls(as_path(workdir))
 
     config = _entry(CONFIG)
+    lock = _entry(LOCK)
     checkpoints = _entry(CHECKPOINTS)
     metrics = _entry(METRICS)
     tensorboard = _entry(TENSORBOARD)

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lima_jax import checkpoint, data, distributed, manifest, runtime, sharding
+from lima_jax import checkpoint, data, distributed, manifest, runlock, runtime, sharding
 from lima_jax.config import ModelConfig, validate
 from lima_jax.errors import CheckpointError, ConfigError, TrainingDiverged
 from lima_jax.metrics import MetricsWriter
@@ -90,7 +90,16 @@ def position_after(meta: dict, steps_per_epoch: int) -> Position:
 
 def train(config: ml_collections.ConfigDict, after_epoch: EpochHook | None = None) -> dict:
     """Runs (or resumes) training; returns the last logged metrics. `after_epoch(EpochEnd)` runs after each
-    epoch's checkpoint is written (e.g. the dev-set report)."""
+    epoch's checkpoint is written (e.g. the dev-set report). Holds the workdir's run lock throughout: while
+    another live run holds it, RunLocked right after the config is validated, before any other work."""
+    validate(config)
+    with runlock.hold(RunDir.at(config.workdir), config) as lock:
+        return _train_holding_lock(config, after_epoch, lock)
+
+
+def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHook | None,
+                        lock: runlock.RunLock) -> dict:
+    """`train` with the run lock held: `lock.check()` before every checkpoint save."""
     # Check everything cheap before compiling: config, tokenizer, mesh, init_from, data.
     ready = setup(config)
     rt, examples = ready.rt, ready.report.examples
@@ -170,6 +179,7 @@ def train(config: ml_collections.ConfigDict, after_epoch: EpochHook | None = Non
                     # A checkpoint at the end of every epoch (and every checkpoint_every_steps if set).
                     every = config.train.checkpoint_every_steps
                     if end_of_epoch or (every and step % every == 0):
+                        lock.check()  # RunLocked if another run took this workdir over: it saves, not we
                         checkpoints.save(step, state, {"epoch": epoch, "batches_done": batch_index, "step": step,
                                                        "data_signature": data_signature,
                                                        "total_steps": total_steps,
