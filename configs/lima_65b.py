@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.grad_accum_steps = 1
     c.train.log_every = 1
     c.train.checkpoint_every_steps = 0  # 0: one checkpoint at the end of every epoch, all kept
+    # Each epoch kept for choosing by hand as parameters only (bfloat16, 1/6 of the full state), the full train
+    # state only in the newest checkpoint (what a resume needs): "full" keeps every epoch's full state instead.
+    c.train.snapshots = "params"
+    c.train.snapshot_dtype = "bfloat16"
     c.train.resume_step = 0  # 0: resume from the newest verified checkpoint; N: from checkpoints/N
     # The workdir's run lock (docs/training.md): heartbeat every 60 s; one older than 600 s is stale.
     c.train.lock_heartbeat_s = 60.0

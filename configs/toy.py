@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_len = 128
     c.train.batch_size = 8
     c.train.num_epochs = 15
+    c.train.snapshots = "full"  # every epoch's full state, so a resume can start from any of them
     c.optimizer.learning_rate = 3e-3
     c.optimizer.end_learning_rate = 3e-4
     c.mesh.update(data=-1, fsdp=1, tensor=1, layout="data")

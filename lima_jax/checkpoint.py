@@ -124,6 +124,10 @@ class TrainCheckpoints:
     def step_folder(self, step: int) -> epath.Path:
         return self.directory / str(step)
 
+    def delete(self, step: int) -> None:
+        """Removes one step folder (orbax's delete; every host calls it)."""
+        self.manager.delete(step)
+
     def is_sealed(self, step: int) -> bool:
         """Whether the step's save finished: its manifest, written last, exists."""
         return manifest.has_manifest(self.step_folder(step))
@@ -168,6 +172,10 @@ def save_params(directory: PathLike, params: Any, model: ModelConfig, extra: dic
     """Writes `params/` and `model.json` (plus `extra` metadata) into `directory`."""
     directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:  # an earlier, interrupted save here must not look complete
+        for marker in (directory / manifest.MANIFEST, directory / MODEL_FILE):
+            marker.unlink(missing_ok=True)
+    distributed.barrier("save_params_start")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / PARAMS_DIR, params, force=True)
     meta = {"model": dataclasses.asdict(model), **(extra or {})}

@@ -23,6 +23,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 LOSS_ON = ("assistant", "all")
 ON_BAD_EXAMPLE = ("error", "skip")
+SNAPSHOT_MODES = ("full", "params")  # train.snapshots
+SNAPSHOT_DTYPES = DTYPES
 # The run lock's timing (train.lock_heartbeat_s / train.lock_stale_s) where a config lacks it (an older
 # config.json); configs/lima_65b.py sets the same values.
 LOCK_HEARTBEAT_S = 60.0
@@ -232,6 +234,9 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
            f"must divide train.batch_size={t.batch_size}")
     _check(config, t.log_every > 0, "train.log_every", "must be positive")
     _check(config, t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: per epoch only)")
+    _check(config, t.get("snapshots", "full") in SNAPSHOT_MODES, "train.snapshots", f"must be one of {SNAPSHOT_MODES}")
+    _check(config, t.get("snapshot_dtype", "bfloat16") in SNAPSHOT_DTYPES, "train.snapshot_dtype",
+           f"must be one of {SNAPSHOT_DTYPES}")
     _check(config, t.get("resume_step", 0) >= 0, "train.resume_step", "must be >= 0 (0: the newest checkpoint)")
     heartbeat_s, stale_s = lock_timing(config)
     _check(config, _is_number(heartbeat_s) and heartbeat_s > 0, "train.lock_heartbeat_s",

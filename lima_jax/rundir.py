@@ -6,6 +6,8 @@ checkpoint a tool uses.
     run.lock               held by the training run that writes here (lima_jax.runlock); gone when it ends
     checkpoints/<step>/    training checkpoints: state/ + meta/ + lima_manifest.json (lima_jax.checkpoint)
     checkpoints/set_aside/ step folders training did not resume from (unfinished, or after train.resume_step)
+    snapshots/epoch_NNN/   with train.snapshots="params": each epoch's parameters (model.json + params/), for
+                           choosing by hand; the full state is then kept only in the newest checkpoints/<step>
     metrics.jsonl          one JSON object per logged step
     tensorboard/           TensorBoard event files
     dev_reports/epoch_NNN.jsonl   dev-set answers per epoch
@@ -29,11 +31,13 @@ from lima_jax.checkpoint import (SET_ASIDE, TrainCheckpoints, is_params_checkpoi
                                  read_params_meta, read_train_meta, restore_params, restore_train_params)
 from lima_jax.config import ModelConfig
 from lima_jax.errors import CheckpointError
+from lima_jax.manifest import has_manifest
 from lima_jax.paths import PathLike, as_path, atomic_write_text
 
 CONFIG = "config.json"
 LOCK = "run.lock"
 CHECKPOINTS = "checkpoints"
+SNAPSHOTS = "snapshots"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 DEV_REPORTS = "dev_reports"
@@ -60,6 +64,7 @@ class RunDir:
     config = _entry(CONFIG)
     lock = _entry(LOCK)
     checkpoints = _entry(CHECKPOINTS)
+    snapshots = _entry(SNAPSHOTS)
     metrics = _entry(METRICS)
     tensorboard = _entry(TENSORBOARD)
     dev_reports = _entry(DEV_REPORTS)
@@ -74,6 +79,9 @@ class RunDir:
     def step_folder(self, step: int) -> epath.Path:
         return self.checkpoints / str(step)
 
+    def snapshot(self, epoch: int) -> epath.Path:
+        return self.snapshots / f"epoch_{epoch:03d}"
+
     def is_run(self) -> bool:
         return self.checkpoints.is_dir()
 
@@ -81,30 +89,44 @@ class RunDir:
 # ------------------------------------------------------------------------------------ epochs and the marker
 
 
-def epoch_checkpoint_steps(workdir: PathLike) -> dict[int, int]:
-    """{epoch: step} of the end-of-epoch training checkpoints of a run."""
+@dataclasses.dataclass(frozen=True)
+class EpochCheckpoint:
+    """The checkpoint that holds an epoch's end: `folder` relative to the workdir, and its step."""
+
+    step: int
+    folder: str
+
+
+def epoch_checkpoints(workdir: PathLike) -> dict[int, EpochCheckpoint]:
+    """{epoch: its checkpoint} of a run: the parameter snapshot (`snapshots/epoch_NNN`, which outlives the full
+    state) where one was written, else the end-of-epoch training checkpoint."""
     run = RunDir.at(workdir)
     if not run.checkpoints.is_dir():
         raise CheckpointError(f"{run.checkpoints}: no training checkpoints here")
+    found = {}
     checkpoints = TrainCheckpoints(run.checkpoints)
     try:
-        steps = {}
         for step in checkpoints.all_steps():
             meta = checkpoints.read_meta(step)
             if meta.get("end_of_epoch"):
-                steps[int(meta["epoch"])] = step
-        return steps
+                found[int(meta["epoch"])] = EpochCheckpoint(step, f"{CHECKPOINTS}/{step}")
     finally:
         checkpoints.close()
+    if run.snapshots.is_dir():
+        for folder in sorted(run.snapshots.iterdir()):
+            if is_params_checkpoint(folder) and has_manifest(folder):  # sealed: the snapshot is complete
+                meta = read_params_meta(folder)
+                found[int(meta["epoch"])] = EpochCheckpoint(int(meta["step"]), f"{SNAPSHOTS}/{folder.name}")
+    return dict(sorted(found.items()))
 
 
 def mark_chosen_epoch(workdir: PathLike, epoch: int, note: str = "") -> dict:
-    """Writes `chosen_epoch.json` for `epoch`'s end-of-epoch checkpoint (which must exist)."""
+    """Writes `chosen_epoch.json` for `epoch`'s checkpoint (which must exist)."""
     run = RunDir.at(workdir)
-    steps = epoch_checkpoint_steps(run.root)
-    if epoch not in steps:
-        raise CheckpointError(f"{run.root}: no end-of-epoch checkpoint for epoch {epoch}; have epochs {sorted(steps)}")
-    marker = {"epoch": epoch, "step": steps[epoch], "checkpoint": f"{CHECKPOINTS}/{steps[epoch]}", "note": note,
+    epochs = epoch_checkpoints(run.root)
+    if epoch not in epochs:
+        raise CheckpointError(f"{run.root}: no end-of-epoch checkpoint for epoch {epoch}; have epochs {sorted(epochs)}")
+    marker = {"epoch": epoch, "step": epochs[epoch].step, "checkpoint": epochs[epoch].folder, "note": note,
               "chosen_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     atomic_write_text(run.chosen_epoch, json.dumps(marker, indent=2) + "\n")
     return marker
@@ -140,9 +162,11 @@ def chosen_checkpoint(workdir: PathLike) -> epath.Path | None:
 
 
 def run_config_of(path: PathLike) -> epath.Path | None:
-    """The `config.json` of the run that `path` (a run directory or one of its step folders) belongs to."""
+    """The `config.json` of the run that `path` (a run directory, one of its step folders or snapshots) belongs
+    to, or None."""
     path = as_path(path)
-    for root in (path, path.parent.parent):
+    roots = (path, path.parent.parent) if path.parent.name in (CHECKPOINTS, SNAPSHOTS) else (path,)
+    for root in roots:
         if RunDir(root).config.is_file():
             return RunDir(root).config
     return None
@@ -181,7 +205,8 @@ def resolve_checkpoint(path: PathLike) -> CheckpointChoice:
         marker = read_chosen_epoch(path)
         chosen = chosen_checkpoint(path)
         if chosen is not None:
-            return CheckpointChoice("train", chosen, "chosen", step=int(marker["step"]), epoch=int(marker["epoch"]))
+            kind = "params" if is_params_checkpoint(chosen) else "train"
+            return CheckpointChoice(kind, chosen, "chosen", step=int(marker["step"]), epoch=int(marker["epoch"]))
         manager = TrainCheckpoints(run.checkpoints)
         try:
             latest = manager.latest_step()
@@ -223,7 +248,8 @@ def load_checkpoint_params(choice: CheckpointChoice, abstract_params: Any = None
 
 
 def checkpoint_folders(path: PathLike) -> list[epath.Path]:
-    """Every checkpoint `path` holds: a run directory's step folders (in step order, set-aside ones last), or
+    """Every checkpoint `path` holds: a run directory's step folders (in step order), its snapshots, the set-aside
+    step folders, or
     `path` itself when it is one step folder or a parameter checkpoint."""
     path = as_path(path)
     if is_params_checkpoint(path) or is_train_step_folder(path):
@@ -235,4 +261,5 @@ def checkpoint_folders(path: PathLike) -> list[epath.Path]:
     steps = sorted((p for p in run.checkpoints.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     set_aside = run.checkpoints / SET_ASIDE
     aside = sorted(p for p in set_aside.iterdir() if is_train_step_folder(p)) if set_aside.is_dir() else []
-    return steps + aside
+    snapshots = sorted(p for p in run.snapshots.iterdir() if p.is_dir()) if run.snapshots.is_dir() else []
+    return steps + snapshots + aside

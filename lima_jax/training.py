@@ -156,7 +156,9 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
 
         try:
             if latest is not None and position.batches_done == 0:
-                # Resumed at an epoch boundary: the previous run may have stopped inside this epoch's hook.
+                # Resumed at an epoch boundary: the previous run may have stopped before this epoch's snapshot
+                # or inside its hook.
+                keep_epoch(config, run, rt.model_cfg, state.params, position.epoch - 1, latest)
                 epoch_done(position.epoch - 1, resumed=True)
             for epoch in range(position.epoch, config.train.num_epochs + 1):
                 start = position.batches_done if epoch == position.epoch else 0
@@ -187,6 +189,8 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                                                        "model": dataclasses.asdict(rt.model_cfg)})
                         if end_of_epoch:
                             logging.info("epoch %d done: checkpoint %s/%d", epoch, checkpoints.directory, step)
+                            keep_epoch(config, run, rt.model_cfg, state.params, epoch, step)
+                        prune_full_states(config, checkpoints, step)
                 # The end-of-epoch hooks (dev report), after the checkpoint exists.
                 epoch_done(epoch)
         finally:
@@ -194,6 +198,44 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
             checkpoints.close()
     distributed.barrier("train_done")
     return last_metrics
+
+
+def keeps_params_snapshots(config: ml_collections.ConfigDict) -> bool:
+    """train.snapshots="params": each epoch kept as parameters only, the full state only where resuming needs it."""
+    return config.train.get("snapshots", "full") == "params"
+
+
+def keep_epoch(config: ml_collections.ConfigDict, run: RunDir, model_cfg: ModelConfig, params: Any, epoch: int,
+               step: int) -> None:
+    """With params snapshots: writes `snapshots/epoch_NNN` (a parameter checkpoint in train.snapshot_dtype, what
+    `report choose`, `generate`, export and `init_from` read), unless a sealed one is there already."""
+    folder = run.snapshot(epoch)
+    if not keeps_params_snapshots(config) or manifest.has_manifest(folder):
+        return
+    dtype = config.train.get("snapshot_dtype", "bfloat16")
+    tic = time.perf_counter()
+    checkpoint.save_params(folder, jax.tree.map(lambda x: x.astype(dtype), params),
+                           dataclasses.replace(model_cfg, param_dtype=dtype),
+                           extra={"epoch": epoch, "step": step, "snapshot_of": str(run.step_folder(step))})
+    logging.info("epoch %d: parameter snapshot %s (%s) in %.2f s", epoch, folder, dtype, time.perf_counter() - tic)
+
+
+def prune_full_states(config: ml_collections.ConfigDict, checkpoints: checkpoint.TrainCheckpoints,
+                      newest: int) -> None:
+    """With params snapshots: once the newest full state verifies, removes the older ones (their epochs live on
+    as snapshots; a resume needs only the newest)."""
+    older = [s for s in checkpoints.all_steps() if s < newest]
+    if not keeps_params_snapshots(config) or not older:
+        return
+    problems = checkpoint.verify_folder(checkpoints.step_folder(newest))
+    if problems:
+        logging.warning("not removing older checkpoints: the new one does not verify: %s",
+                        checkpoint.describe_problems(checkpoints.step_folder(newest), problems))
+        return
+    for step in older:
+        checkpoints.delete(step)
+    logging.info("removed the full train states of steps %s: %s verified, and their epochs are kept as "
+                 "snapshots", older, checkpoints.step_folder(newest))
 
 
 def choose_resume_step(checkpoints: checkpoint.TrainCheckpoints, requested: int,

@@ -45,7 +45,7 @@ Modules, one concern each:
 """
 from lima_jax.conversion.hf_reader import HuggingFaceSource, hf_config_to_model
 from lima_jax.conversion.hf_writer import (export_hf, export_tokenizer, hf_tensors, load_lima_params,
-                                           model_to_hf_config, run_of, write_hf_weights)
+                                           model_to_hf_config, write_hf_weights)
 from lima_jax.conversion.importer import check_source, import_checkpoint
 from lima_jax.conversion.llama2c_reader import Llama2cSource
 from lima_jax.conversion.meta_reader import MetaSource, meta_hidden_dim
@@ -61,6 +61,6 @@ __all__ = [
     "MetaSource", "Source", "atomic_folder", "chat_template", "check_output", "check_source", "export_hf",
     "export_tokenizer", "halves_to_interleaved", "hf_config_to_model", "hf_tensors", "import_checkpoint",
     "interleaved_to_halves", "is_hf_export", "is_lima_output", "load_lima_params",
-    "meta_hidden_dim", "model_to_hf_config", "read_safetensors_header", "read_tensor", "run_of",
+    "meta_hidden_dim", "model_to_hf_config", "read_safetensors_header", "read_tensor",
     "write_hf_tokenizer", "write_hf_weights", "write_safetensors",
 ]

@@ -93,30 +93,21 @@ def load_lima_params(checkpoint: Checkpoint) -> tuple[dict, ModelConfig]:
         raise ConversionError(str(e)) from None
 
 
-def run_of(choice: rundir.CheckpointChoice) -> rundir.RunDir | None:
-    """The training run a checkpoint belongs to (`<run>/checkpoints/<step>` with `<run>/config.json`), or None."""
-    folder = choice.folder
-    if choice.kind != "train" or folder.parent.name != rundir.CHECKPOINTS:
-        return None
-    run = rundir.RunDir(folder.parent.parent)
-    return run if run.config.is_file() else None
-
-
 def export_tokenizer(checkpoint: Checkpoint, tokenizer: PathLike | None = None) -> tuple[epath.Path, str]:
     """(the sentencepiece model to export with `checkpoint`, where it came from): `tokenizer` when given,
     else `config.tokenizer.path` of the training run the checkpoint belongs to."""
     if tokenizer is not None:
         return as_path(tokenizer), "given (--tokenizer)"
     choice = _choice(checkpoint)
-    run = run_of(choice)
-    require(run is not None, choice.folder, "no --tokenizer given, and this is not a checkpoint of a training run "
-            "with a config.json to take config.tokenizer.path from: pass --tokenizer")
-    config = load_config_file(run.config)
+    run_config = rundir.run_config_of(choice.folder)
+    require(run_config is not None, choice.folder, "no --tokenizer given, and this is not a checkpoint of a training "
+            "run with a config.json to take config.tokenizer.path from: pass --tokenizer")
+    config = load_config_file(run_config)
     path = config.get("tokenizer", {}).get("path")
-    require(bool(path), run.config, "tokenizer.path is not set: pass --tokenizer")
-    require(as_path(path).is_file(), run.config, f"tokenizer.path={path} not found (a relative path is taken "
+    require(bool(path), run_config, "tokenizer.path is not set: pass --tokenizer")
+    require(as_path(path).is_file(), run_config, f"tokenizer.path={path} not found (a relative path is taken "
             "from the current directory): pass --tokenizer")
-    return as_path(path), f"config.tokenizer.path of the run's {run.config}"
+    return as_path(path), f"config.tokenizer.path of the run's {run_config}"
 
 
 def _open_tokenizer(path: epath.Path) -> Tokenizer:
