@@ -2,8 +2,8 @@
 
     python benchmarks/data_packing.py [--max_len 2048] [--batch_size 32] [--repeats 5] [--workers 2 --copies 20]
 
-Prints, side by side: rows per epoch, share of real (non-pad) tokens and steps per epoch, padded (one
-example per row) vs packed (best-fit decreasing); then the median time of each preprocessing stage on
+Prints, for each `config.data.packing` mode ("none", "rows", "examples"; the rows per step of "examples"
+planned over 15 epochs of seed 0): rows per step, share of real (non-pad) tokens and steps per epoch; then the median time of each preprocessing stage on
 one core (the process is pinned to one CPU) and the tokens/s that gives. With `--workers N` it also
 times tokenization in N worker processes on `--copies` copies of the data (where parallelism can pay).
 Reads ../shared/data beside the checkout (see its README); says so and exits 0 when it is absent.
@@ -21,12 +21,14 @@ from typing import Callable
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lima_jax.data import epoch_batches, row_layout, steps_per_epoch, tokenize_all  # noqa: E402
+from lima_jax.config import PACKING_MODES  # noqa: E402
+from lima_jax.data import epoch_batches, plan_steps, rows_per_step, tokenize_all  # noqa: E402
 from lima_jax.data.formats import read_conversations  # noqa: E402
 from lima_jax.data.packing import best_fit_decreasing  # noqa: E402
 from lima_jax.tokenizer import Tokenizer  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
+EPOCHS = 15  # the recipe's: the rows per step of packing="examples" are planned over them
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -58,14 +60,13 @@ def main() -> None:
     examples = tokenize_all(tokenizer, convs, args.max_len, num_workers=1)
     tokens = sum(e.full_length for e in examples)
     print(f"data: {texts.name}, {len(examples)} conversations, {tokens:,} tokens, LLaMA tokenizer "
-          f"(vocab {tokenizer.vocab_size} incl. EOT), max_len {args.max_len}, batch {args.batch_size} rows")
+          f"(vocab {tokenizer.vocab_size} incl. EOT), max_len {args.max_len}, batch_size {args.batch_size}")
 
-    print(f"\n{'layout':<34} {'rows/epoch':>10} {'real tokens':>12} {'steps/epoch':>12}")
-    for packing in (False, True):
-        layout = row_layout(examples, args.max_len, packing)
-        name = "packed (best-fit decreasing)" if packing else "padded (one example per row)"
-        print(f"{name:<34} {layout.num_rows:>10} {100 * layout.efficiency:>11.1f}% "
-              f"{steps_per_epoch(layout.num_rows, args.batch_size):>12}")
+    print(f"\n{'data.packing':<34} {'rows/step':>10} {'real tokens':>12} {'steps/epoch':>12}")
+    plans = {mode: plan_steps(examples, batch_size=args.batch_size, max_len=args.max_len, seed=0, packing=mode,
+                              num_epochs=EPOCHS) for mode in PACKING_MODES}
+    for mode, plan in plans.items():
+        print(f"{mode:<34} {plan.rows_per_step:>10} {100 * plan.efficiency:>11.1f}% {plan.steps_per_epoch:>12}")
 
     lengths = [len(e) for e in examples]
     stages = {
@@ -73,9 +74,15 @@ def main() -> None:
         "tokenize + mask + trim": lambda: tokenize_all(tokenizer, convs, args.max_len, num_workers=1),
         "best-fit decreasing (plan)": lambda: best_fit_decreasing(lengths, args.max_len),
         "one epoch of packed batches": lambda: list(epoch_batches(
-            examples, batch_size=args.batch_size, max_len=args.max_len, seed=0, epoch=1, packing=True)),
+            examples, batch_size=args.batch_size, max_len=args.max_len, seed=0, epoch=1, packing="rows")),
         "one epoch of padded batches": lambda: list(epoch_batches(
             examples, batch_size=args.batch_size, max_len=args.max_len, seed=0, epoch=1)),
+        f"rows per step, {EPOCHS} epochs (plan)": lambda: rows_per_step(
+            lengths, batch_size=args.batch_size, max_len=args.max_len, seed=0, packing="examples",
+            num_epochs=EPOCHS),
+        "one epoch, packing=examples": lambda: list(epoch_batches(
+            examples, batch_size=args.batch_size, max_len=args.max_len, seed=0, epoch=1, packing="examples",
+            num_rows=plans["examples"].rows_per_step)),
     }
     print(f"\none core, median of {args.repeats}:")
     print(f"{'stage':<32} {'seconds':>9} {'tokens/s':>14}")
@@ -85,7 +92,7 @@ def main() -> None:
 
     def whole_pipeline() -> None:
         read = tokenize_all(tokenizer, read_conversations(texts), args.max_len, num_workers=1)
-        list(epoch_batches(read, batch_size=args.batch_size, max_len=args.max_len, seed=0, epoch=1, packing=True))
+        list(epoch_batches(read, batch_size=args.batch_size, max_len=args.max_len, seed=0, epoch=1, packing="rows"))
 
     seconds = median_seconds(whole_pipeline, args.repeats)
     print(f"{'all of it (file -> packed epoch)':<32} {seconds:>9.3f} {tokens / seconds:>14,.0f}")

@@ -40,6 +40,17 @@ def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def positive_int(text: str) -> int:
+    """An argparse `type` for a positive integer flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def add_common_flags(p: argparse.ArgumentParser, default: object = False) -> None:
     p.add_argument("--verbose", action="store_true", default=default,
                    help=f"print tracebacks of errors too (env {VERBOSE_ENV}=1)")

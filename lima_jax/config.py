@@ -25,6 +25,10 @@ LOSS_ON = ("assistant", "all")
 ON_BAD_EXAMPLE = ("error", "skip")
 SNAPSHOT_MODES = ("full", "params")  # train.snapshots
 SNAPSHOT_DTYPES = DTYPES
+# data.packing: "none" one example per row; "rows" packed rows, train.batch_size counts rows; "examples" packed
+# rows, train.batch_size counts examples (docs/data.md). Configs written before the modes had a bool.
+PACKING_MODES = ("none", "rows", "examples")
+LEGACY_PACKING = {False: "none", True: "rows"}
 # The run lock's timing (train.lock_heartbeat_s / train.lock_stale_s) where a config lacks it (an older
 # config.json); configs/lima_65b.py sets the same values.
 LOCK_HEARTBEAT_S = 60.0
@@ -75,6 +79,14 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         compute_dtype=m.compute_dtype, remat_policy=m.remat_policy)
 
 
+def packing_mode(value: Any) -> str:
+    """`data.packing` as one of PACKING_MODES: a bool of an older config maps to "none" (False) or "rows"
+    (True); any other value is returned unchanged (`validate` rejects it)."""
+    if isinstance(value, bool):
+        return LEGACY_PACKING[value]
+    return value
+
+
 def load_config_file(path: PathLike) -> ml_collections.ConfigDict:
     """The config of a `configs/*.py` file (its `get_config()`) or of a run's `config.json`."""
     text = str(path)
@@ -102,6 +114,9 @@ def _load_json_config(path: PathLike) -> ml_collections.ConfigDict:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not a JSON config ({e})") from None
+    data = values.get("data") if isinstance(values, dict) else None
+    if isinstance(data, dict) and isinstance(data.get("packing"), bool):  # written before the packing modes
+        data["packing"] = packing_mode(data["packing"])
     config = ml_collections.ConfigDict(_lists_to_tuples(values))
     config.source_file = str(path)
     return config
@@ -223,6 +238,11 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, d.max_len <= m.max_seq_len, "data.max_len", f"exceeds model.max_seq_len={m.max_seq_len}")
     _check(config, d.loss_on in LOSS_ON, "data.loss_on", f"must be one of {LOSS_ON}")
     _check(config, d.on_bad_example in ON_BAD_EXAMPLE, "data.on_bad_example", f"must be one of {ON_BAD_EXAMPLE}")
+    packing = packing_mode(d.get("packing", "none"))
+    _check(config, isinstance(packing, str) and packing in PACKING_MODES, "data.packing",
+           f"must be one of {PACKING_MODES} (\"none\": one example per row; \"rows\": packed, train.batch_size "
+           "counts rows; \"examples\": packed, train.batch_size counts examples; an older config's False / True "
+           "mean \"none\" / \"rows\")")
     limit = d.get("max_line_bytes", 1)  # absent in a config.json written before it existed: the default
     _check(config, isinstance(limit, int) and not isinstance(limit, bool) and limit > 0, "data.max_line_bytes",
            "must be a positive int (bytes of the longest JSONL line accepted, e.g. 4194304)")
@@ -230,8 +250,9 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, t.batch_size > 0, "train.batch_size", "must be positive")
     _check(config, t.num_epochs > 0, "train.num_epochs", "must be positive")
     _check(config, t.grad_accum_steps > 0, "train.grad_accum_steps", "must be positive")
-    _check(config, t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
-           f"must divide train.batch_size={t.batch_size}")
+    # With packing="examples" the rows per step are rounded up to a multiple of grad_accum_steps instead.
+    _check(config, packing == "examples" or t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
+           f"must divide train.batch_size={t.batch_size} (or use data.packing=\"examples\")")
     _check(config, t.log_every > 0, "train.log_every", "must be positive")
     _check(config, t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: per epoch only)")
     _check(config, t.get("snapshots", "full") in SNAPSHOT_MODES, "train.snapshots", f"must be one of {SNAPSHOT_MODES}")

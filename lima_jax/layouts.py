@@ -19,6 +19,10 @@ For each layout the tool builds the mesh, lowers and compiles the train step exa
 * unless --topology is given or --steps=0: measured step time, tokens/s and MFU (MFU needs the
   device's peak FLOP/s: known for TPUs and H100/H200/A100, else --peak_tflops).
 
+With `config.data.packing="examples"` a step's rows are planned from the data (the training log and
+`python -m lima_jax.data stats` print them): pass them as --rows; without it the step is compiled for
+train.batch_size rows (one example per row, the most a step can need), rounded up like training rounds.
+
 A layout is `name` or `name:DATAxFSDPxTENSOR` to give its mesh, e.g. `fsdp_tp:1x4x2` (one size may be -1); the
 default mesh per layout puts all devices on its main axis (tensor size: --tensor, default the largest
 power of two up to 8 that divides the KV heads and the device count). An invalid layout is reported in
@@ -40,6 +44,7 @@ import jax
 
 from lima_jax import cli, sharding
 from lima_jax.analysis import hardware, layout_report, layouts
+from lima_jax.config import packing_mode
 from lima_jax.paths import as_path
 from lima_jax.rundir import RunDir
 
@@ -66,6 +71,9 @@ def _parser():
                    help=f"output folder, local or gs:// (default: <config.workdir>/layouts, else {DEFAULT_OUT})")
     p.add_argument("--vocab_size", type=int, default=32001, help="vocabulary when neither config.model.vocab_size "
                    "nor a tokenizer file is available (default 32001: LLaMA's 32,000 + EOT)")
+    p.add_argument("--rows", type=cli.positive_int, default=None, metavar="R",
+                   help="with config.data.packing='examples': the planned rows per step to compile for "
+                        "(default: train.batch_size, rounded up to the batch shards x grad_accum_steps)")
     p.add_argument("--dump_hlo", action="store_true",
                    help="also write each layout's compiled HLO to <out>/<layout>.hlo.txt")
     p.add_argument("--peak_tflops", type=float, default=None,
@@ -89,13 +97,14 @@ def main(argv: list[str]) -> None:
     if main_process:
         print(f"output folder: {out} ({why})", flush=True)
     reports = layouts.compare(config, args.layouts, topology, args.steps, args.vocab_size, args.peak_tflops,
-                              args.tensor, hlo_dir=out if args.dump_hlo else None)
+                              args.tensor, hlo_dir=out if args.dump_hlo else None, rows=args.rows)
     if not main_process:
         return
     where = f"TPU {topology.name} ({topology.chips} chips, AOT)" if topology else \
         f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-    title = (f"{as_path(config.source_file).name}: batch {config.train.batch_size} x {config.data.max_len} "
-             f"tokens on {where}")
+    batch = (f"{config.train.batch_size} examples in {args.rows or 'up to ' + str(config.train.batch_size)} rows"
+             if packing_mode(config.data.packing) == "examples" else str(config.train.batch_size))
+    title = f"{as_path(config.source_file).name}: batch {batch} x {config.data.max_len} tokens on {where}"
     paths = layout_report.write_outputs(reports, out, title)
     print(f"\n{title}\nmemory per device in GiB; FLOPs per step summed over devices\n"
           f"{layout_report.format_table(reports)}\n")

@@ -33,7 +33,7 @@ from jax.experimental import mesh_utils
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lima_jax.config import ConfigError
+from lima_jax.config import ConfigError, packing_mode
 
 MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "kv", "mlp", "vocab", "layers", "norm")
@@ -141,7 +141,8 @@ def validate_for_mesh(config: ml_collections.ConfigDict, shape: Sequence[int], v
     table = rule_table(rules)
     batch_ways = math.prod(sizes[a] for a in _axes_of(table.get("batch")))
     micro_batch = config.train.batch_size // config.train.grad_accum_steps
-    if micro_batch % batch_ways:
+    # packing="examples" rounds its rows per step up to a multiple of the shards (lima_jax.data.rows_per_step) instead.
+    if micro_batch % batch_ways and packing_mode(config.data.get("packing", "none")) != "examples":
         raise ConfigError(f"{where}: config.train.batch_size={config.train.batch_size} "
                           f"(micro-batch {micro_batch} with grad_accum_steps={config.train.grad_accum_steps}) "
                           f"is not divisible by the batch's mesh axes {table.get('batch')} of size {batch_ways} "
@@ -213,6 +214,12 @@ def logical_sharding(mesh: Mesh, rules: Rules, logical_axes: tuple[str | None, .
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     """Sharding of [batch, length] input arrays."""
     return logical_sharding(mesh, rules, ("batch", "length"))
+
+
+def batch_shards(sharding: NamedSharding) -> int:
+    """How many ways `sharding` splits the batch (first) dimension: the rows of a (micro-)batch must divide it."""
+    first = sharding.spec[0] if len(sharding.spec) else None
+    return math.prod(dict(sharding.mesh.shape)[a] for a in _axes_of(first))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

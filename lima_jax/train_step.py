@@ -4,7 +4,7 @@
   all_finite       whether every float of a tree is finite, as one fused reduction
   make_train_step  one optimizer step, gradient accumulation normalized by the total target tokens
   jit_train_step   that step jitted with the state's shardings and the donated state
-  abstract_batch   the batch's shapes, for compiling ahead of time
+  abstract_batch   the batch's shapes (rows per step x max_len), for compiling ahead of time
 """
 from __future__ import annotations
 
@@ -99,8 +99,10 @@ def jit_train_step(model: Llama, config: ml_collections.ConfigDict, schedule: op
                    donate_argnums=0)
 
 
-def abstract_batch(config: ml_collections.ConfigDict, batch_sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of one global batch ([train.batch_size, data.max_len] per field)."""
-    shape = (config.train.batch_size, config.data.max_len)
+def abstract_batch(config: ml_collections.ConfigDict, batch_sharding: NamedSharding,
+                   num_rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of one global batch ([num_rows, data.max_len] per field): `num_rows` is the run's
+    rows per step (`lima_jax.data.rows_per_step`), by default train.batch_size (packing "none" / "rows")."""
+    shape = (config.train.batch_size if num_rows is None else num_rows, config.data.max_len)
     return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32, sharding=batch_sharding)
             for k in BATCH_FIELDS}

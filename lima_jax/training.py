@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from lima_jax import checkpoint, data, distributed, manifest, runlock, runtime, sharding
-from lima_jax.config import ModelConfig, validate
+from lima_jax.config import ModelConfig, packing_mode, validate
 from lima_jax.errors import CheckpointError, ConfigError, TrainingDiverged
 from lima_jax.metrics import MetricsWriter
 from lima_jax.optim import learning_rate_schedule, make_optimizer
@@ -74,6 +74,22 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     return Setup(rt, report)
 
 
+def plan_run(config: ml_collections.ConfigDict, examples: Sequence[data.Example], batch_shards: int) -> data.StepPlan:
+    """The run's StepPlan: with packing="examples" the rows per step are planned over every epoch and rounded
+    up to a multiple of `batch_shards` x train.grad_accum_steps (each shard of each micro-batch gets as many
+    rows); otherwise train.batch_size rows (validated to divide)."""
+    plan = data.plan_steps(examples, batch_size=config.train.batch_size, max_len=config.data.max_len,
+                           seed=config.seed, shuffle=config.data.shuffle, packing=packing_mode(config.data.packing),
+                           num_epochs=config.train.num_epochs,
+                           row_multiple=batch_shards * config.train.grad_accum_steps)
+    if plan.packing == "examples" and plan.rows_per_step >= config.train.batch_size:
+        logging.warning("packing='examples': %d rows per step for %d examples (rounded up to a multiple of %d batch "
+                        "shards x %d micro-batches) saves nothing over one example per row; fewer batch shards or "
+                        "micro-batches would", plan.rows_per_step, config.train.batch_size, batch_shards,
+                        config.train.grad_accum_steps)
+    return plan
+
+
 def check_schedule_length(meta: dict, total_steps: int, where: str) -> None:
     """A resumed run must keep the learning-rate schedule it started with (same total steps)."""
     if meta.get("total_steps", total_steps) != total_steps:
@@ -105,13 +121,14 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
     rt, examples = ready.rt, ready.report.examples
     run = RunDir.at(config.workdir)
 
-    # The epoch plan: rows per epoch, steps, and a signature of the data order for exact resumes.
-    layout = data.row_layout(examples, config.data.max_len, config.data.packing)
-    logging.info("%s", layout.describe())
-    steps_per_epoch = data.steps_per_epoch(layout.num_rows, config.train.batch_size)  # batch_size = rows
+    # The epoch plan: rows per step, steps, and a signature of the data order for exact resumes.
+    batch_sharding = sharding.batch_sharding(rt.mesh, rt.rules)
+    plan = plan_run(config, examples, sharding.batch_shards(batch_sharding))
+    logging.info("%s", plan.describe())
+    steps_per_epoch = plan.steps_per_epoch
     total_steps = steps_per_epoch * config.train.num_epochs
     data_signature = data.input_signature(examples, batch_size=config.train.batch_size, max_len=config.data.max_len,
-                                          seed=config.seed, shuffle=config.data.shuffle, packing=config.data.packing)
+                                          seed=config.seed, shuffle=config.data.shuffle, packing=plan.packing)
     logging.info("%d examples (%d trimmed, %d skipped), %d steps per epoch, %d steps in all, mesh %s, layout %s",
                  len(examples), ready.report.num_trimmed, len(ready.report.skipped), steps_per_epoch, total_steps,
                  dict(rt.mesh.shape), config.mesh.layout)
@@ -143,8 +160,7 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
         _log_parameter_overview(state.params, rt.model_cfg)
 
         # The step: one jitted program with the state donated; each host feeds its block of rows.
-        batch_sharding = sharding.batch_sharding(rt.mesh, rt.rules)
-        batch_shape = (config.train.batch_size, config.data.max_len)
+        batch_shape = (plan.rows_per_step, config.data.max_len)
         block, num_blocks = sharding.process_batch_block(batch_sharding, batch_shape)
         step_fn = jit_train_step(model, config, schedule, state_shardings, batch_sharding)
         writer = MetricsWriter(run, total_steps, resumed_at=int(state.step) if latest is not None else 0)
@@ -165,7 +181,8 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                 batches = data.epoch_batches(
                     examples, batch_size=config.train.batch_size, max_len=config.data.max_len, seed=config.seed,
                     epoch=epoch, shuffle=config.data.shuffle, start_step=start,
-                    process_index=block, process_count=num_blocks, packing=config.data.packing)
+                    process_index=block, process_count=num_blocks, packing=plan.packing,
+                    num_rows=plan.rows_per_step)
                 for batch_index, local in enumerate(batches, start=start + 1):
                     # One step, its metrics checked before anything of this state is saved.
                     tic = time.perf_counter()

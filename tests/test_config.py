@@ -56,7 +56,7 @@ def test_smaller_models_use_batch_64_and_dropout_0_2():
 @pytest.mark.parametrize("field,value,message", [
     ("model.n_kv_heads", 3, "must divide n_heads"),
     ("model.residual_dropout_max", 1.5, r"must be in \[0, 1\)"),
-    ("train.grad_accum_steps", 3, "must divide train.batch_size"),
+    ("data.packing", "packed", "must be one of"),
     ("optimizer.end_learning_rate", 1.0, "must be in"),
     ("data.loss_on", "prompt", "must be one of"),
     ("model.remat_policy", "sometimes", "must be one of"),
@@ -72,6 +72,17 @@ def test_bad_values_name_the_file_and_field(field, value, message):
     with pytest.raises(ConfigError, match=message) as error:
         validate(c)
     assert "configs/toy.py" in str(error.value) and f"config.{field}=" in str(error.value)
+
+
+@pytest.mark.parametrize("packing, ok", [("none", False), ("rows", False), ("examples", True)])
+def test_grad_accum_steps_must_divide_the_batch_unless_packing_examples_rounds_the_rows_up(packing, ok):
+    c = filled("toy.py")
+    c.data.packing, c.train.grad_accum_steps = packing, 3  # batch_size 8
+    if ok:
+        validate(c)
+    else:
+        with pytest.raises(ConfigError, match="must divide train.batch_size=8"):
+            validate(c)
 
 
 def test_max_line_bytes_defaults_to_the_readers_limit_and_may_be_absent_in_an_older_config_json():

@@ -1,5 +1,5 @@
-"""Training with packed rows on the toy config, interrupted mid-epoch and resumed: the resumed run sees
-exactly the batches an uninterrupted run would have (no replay, no skip)."""
+"""Training with packed rows on the toy config ("rows" and "examples"), interrupted mid-epoch and resumed: the
+resumed run sees exactly the batches an uninterrupted run would have (no replay, no skip)."""
 import numpy as np
 import pytest
 
@@ -23,23 +23,31 @@ def _recording(original, seen, crash_after=None):
 
 
 @pytest.mark.slow
-def test_toy_training_with_packing_resumes_mid_epoch_with_exactly_the_remaining_batches(toy_config, monkeypatch):
+@pytest.mark.parametrize("packing, batch_size", [("rows", 8), ("examples", 16)])
+def test_toy_training_with_packing_resumes_mid_epoch_with_exactly_the_remaining_batches(toy_config, monkeypatch,
+                                                                                         packing, batch_size):
     from lima_jax.training import train
 
     config = toy_config
-    config.data.packing = True
-    config.train.batch_size = 8  # rows; divisible by the 8 test devices
+    config.data.packing = packing
+    config.train.batch_size = batch_size  # rows ("rows": divisible by the 8 test devices) or examples
     config.train.num_epochs = 2
     config.train.checkpoint_every_steps = 1
     config.dev_report.epochs = ()
 
     tokenizer = Tokenizer(config.tokenizer.path)
     examples = data.load_examples(config.data.train_path, tokenizer, config.data.max_len).examples
-    layout = data.row_layout(examples, config.data.max_len, packing=True)
-    per_epoch = data.steps_per_epoch(layout.num_rows, 8)
-    assert layout.num_rows < len(examples) / 2 and per_epoch >= 2
+    plan = data.plan_steps(examples, batch_size=batch_size, max_len=config.data.max_len, seed=config.seed,
+                           packing=packing, num_epochs=2, row_multiple=8)  # 8 data shards
+    per_epoch = plan.steps_per_epoch
+    if packing == "rows":
+        assert data.row_layout(examples, config.data.max_len, packing).num_rows < len(examples) / 2
+    else:  # the paper's steps, in half the rows
+        assert per_epoch == data.steps_per_epoch(len(examples), batch_size) and plan.rows_per_step == 8
+    assert per_epoch >= 2
     expected = [(epoch, batch) for epoch in (1, 2) for batch in data.epoch_batches(
-        examples, batch_size=8, max_len=config.data.max_len, seed=config.seed, epoch=epoch, packing=True)]
+        examples, batch_size=batch_size, max_len=config.data.max_len, seed=config.seed, epoch=epoch,
+        packing=packing, num_rows=plan.rows_per_step)]
     crash_after = per_epoch + 1  # inside epoch 2
 
     original = data.epoch_batches
@@ -62,6 +70,6 @@ def test_toy_training_with_packing_resumes_mid_epoch_with_exactly_the_remaining_
     assert metrics["tokens"] == (got[-1][1]["segment_ids"] != 0).sum()  # the step saw the packed rows
 
     # Resuming the same workdir with other input settings would replay or skip examples: refused.
-    config.data.packing = False
+    config.data.packing = "none"
     with pytest.raises(data.DataError, match="different input"):
         train(config)

@@ -269,9 +269,10 @@ def test_config_overrides_keep_the_field_type():
     from lima_jax.config import apply_overrides
     from lima_jax.errors import ConfigError
     config = load_config_file(REPO / "configs" / "toy.py")
-    apply_overrides(config, [("mesh.data", "1"), ("dev_report.epochs", "[1, 2]"), ("data.packing", "true"),
-                             ("optimizer.learning_rate", "1e-4")])
-    assert config.mesh.data == 1 and config.dev_report.epochs == (1, 2) and config.data.packing is True
+    apply_overrides(config, [("mesh.data", "1"), ("dev_report.epochs", "[1, 2]"), ("data.shuffle", "false"),
+                             ("data.packing", "rows"), ("optimizer.learning_rate", "1e-4")])
+    assert config.mesh.data == 1 and config.dev_report.epochs == (1, 2) and config.data.shuffle is False
+    assert config.data.packing == "rows"
     assert config.optimizer.learning_rate == 1e-4
     with pytest.raises(ConfigError, match="no field 'mesh.nope'"):
         apply_overrides(config, [("mesh.nope", "1")])

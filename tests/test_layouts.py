@@ -145,6 +145,23 @@ def test_unknown_layout_is_a_config_error(toy_config):
         layouts.compare(toy_config, [], steps=0)
 
 
+def test_step_rows_with_examples_packing_round_up_as_training_does(toy_config):
+    from lima_jax import sharding
+    config = layouts.layout_config(toy_config, "fsdp:2x4x1", 1)  # the batch over data x fsdp: 8 shards
+    mesh = sharding.make_mesh(config, jax.devices())
+    batch_sharding = sharding.batch_sharding(mesh, sharding.layout_rules(config, shape=mesh.devices.shape))
+    assert sharding.batch_shards(batch_sharding) == 8
+    config.data.packing, config.train.batch_size = "examples", 32
+    assert layouts.step_rows(config, batch_sharding) == 32  # no --rows: one example per row, the most a step needs
+    assert layouts.step_rows(config, batch_sharding, 11) == 16
+    config.train.grad_accum_steps = 4
+    assert layouts.step_rows(config, batch_sharding, 11) == 32  # 8 shards x 4 micro-batches
+    config.data.packing = "none"
+    assert layouts.step_rows(config, batch_sharding, 11) == 32
+    with pytest.raises(ConfigError, match="--rows=11: only with config.data.packing='examples'"):
+        layouts.compare(config, ["data"], steps=0, rows=11)
+
+
 def _run_tool(repo, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lima_jax.layouts", *args], cwd=repo, capture_output=True,
                           text=True, timeout=300, env={"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo),

@@ -165,9 +165,12 @@ def test_batch_not_divisible_fails_in_setup_before_any_compile(toy_config):
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None)
     config = _with_mesh(toy_config, "data", 8, 1, 1, batch_size=12)
+    config.data.packing = "none"  # one example per row: the rows are the batch size
     jax.clear_caches()
     with pytest.raises(ConfigError, match=r"config.train.batch_size=12 .* not divisible by the batch's mesh axes"):
         training.setup(config)
+    config.data.packing = "examples"  # rounds its rows per step up to a multiple of the 8 shards instead
+    training.setup(config)
     config = _with_mesh(toy_config, "tensor", 2, 1, 4, batch_size=8)
     with pytest.raises(ConfigError, match="kv_heads size 2 is not divisible by mesh axes tensor of size 4"):
         training.setup(config)

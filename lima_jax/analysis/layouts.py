@@ -11,6 +11,7 @@ A layout that fails validation or runs out of memory at compile time is a row wi
   measure_layout   one spec's report
   compile_layout   the compiled train step of a config's layout on given devices
   layout_config    a config with a spec's layout and mesh
+  step_rows        the rows of the compiled global batch (train.batch_size, or with packing="examples" R)
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from etils import epath
 from lima_jax import runtime, sharding
 from lima_jax.analysis.hardware import Topology, device_memory_bytes, device_peak_tflops, topology_devices
 from lima_jax.analysis.hlo import HloModule, collective_stats, dot_flops
-from lima_jax.config import ModelConfig, model_config, validate
+from lima_jax.config import ModelConfig, model_config, packing_mode, validate
+from lima_jax.data.pipeline import round_up
 from lima_jax.errors import ConfigError
 from lima_jax.model import Llama
 from lima_jax.optim import learning_rate_schedule, make_optimizer
@@ -105,10 +107,23 @@ def layout_config(config: ml_collections.ConfigDict, spec: str, tensor: int) -> 
 
 
 
-def synthetic_batch(config: ml_collections.ConfigDict, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A full batch of random tokens (every position a target) for timing."""
+def step_rows(config: ml_collections.ConfigDict, batch_sharding: Any, rows: int | None = None) -> int:
+    """Rows of the global batch the step is compiled for. Packing "none" / "rows": train.batch_size.
+    "examples": `rows` (the planned rows per step that training logs and `python -m lima_jax.data stats`
+    prints), by default train.batch_size (the most a step can need: one example per row), rounded up as
+    training rounds it, to a multiple of the batch shards x train.grad_accum_steps."""
+    if packing_mode(config.data.packing) != "examples":
+        return config.train.batch_size
+    multiple = sharding.batch_shards(batch_sharding) * config.train.grad_accum_steps
+    return round_up(config.train.batch_size if rows is None else rows, multiple)
+
+
+def synthetic_batch(config: ml_collections.ConfigDict, vocab_size: int, seed: int = 0,
+                    rows: int | None = None) -> dict[str, np.ndarray]:
+    """A full batch of random tokens (every position a target) for timing: `rows` (default
+    train.batch_size) x data.max_len."""
     rng = np.random.default_rng(seed)
-    shape = (config.train.batch_size, config.data.max_len)
+    shape = (config.train.batch_size if rows is None else rows, config.data.max_len)
     tokens = rng.integers(0, vocab_size, shape, dtype=np.int32)
     return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1), "weights": np.ones(shape, np.float32),
             "segment_ids": np.ones(shape, np.int32),
@@ -116,9 +131,10 @@ def synthetic_batch(config: ml_collections.ConfigDict, vocab_size: int, seed: in
 
 
 def compile_layout(config: ml_collections.ConfigDict, model_cfg: ModelConfig, devices: Sequence[Any],
-                   total_steps: int = 1000):
+                   total_steps: int = 1000, rows: int | None = None):
     """(compiled step, model, optimizer, state shardings, batch sharding, mesh) for `config`'s layout: the
-    step `lima_jax.training` runs (`jit_train_step`), lowered on the abstract state and batch."""
+    step `lima_jax.training` runs (`jit_train_step`), lowered on the abstract state and batch (`step_rows`
+    rows)."""
     mesh = sharding.make_mesh(config, devices, vocab_size=model_cfg.vocab_size)
     rules = sharding.layout_rules(config, vocab_size=model_cfg.vocab_size, shape=mesh.devices.shape)
     model = Llama(model_cfg)
@@ -131,7 +147,8 @@ def compile_layout(config: ml_collections.ConfigDict, model_cfg: ModelConfig, de
     step = jit_train_step(model, config, learning_rate_schedule(config, total_steps), state_shardings,
                           batch_sharding)
     with sharding.activate(mesh, rules):
-        compiled = step.lower(abstract, abstract_batch(config, batch_sharding)).compile()
+        num_rows = step_rows(config, batch_sharding, rows)
+        compiled = step.lower(abstract, abstract_batch(config, batch_sharding, num_rows)).compile()
     return compiled, model, tx, state_shardings, batch_sharding, mesh
 
 
@@ -141,16 +158,18 @@ def _gib(value: float) -> float:
 
 def measure_layout(config: ml_collections.ConfigDict, spec: str, model_cfg: ModelConfig, devices: Sequence[Any],
                    topology: Topology | None, steps: int, peak_tflops: float | None, tensor: int,
-                   hlo_dir: epath.Path | None = None) -> LayoutReport:
-    """Compiles (and unless AOT, runs) the train step under one layout."""
+                   hlo_dir: epath.Path | None = None, rows: int | None = None) -> LayoutReport:
+    """Compiles (and unless AOT, runs) the train step under one layout (`rows`: see `step_rows`)."""
     cfg = layout_config(config, spec, tensor)
     shape_text = ""
     try:
         shape = sharding.mesh_shape(cfg, len(devices))
         shape_text = "x".join(str(s) for s in shape)
         tic = time.perf_counter()
-        compiled, model, tx, state_shardings, batch_sharding, mesh = compile_layout(cfg, model_cfg, devices)
+        compiled, model, tx, state_shardings, batch_sharding, mesh = compile_layout(cfg, model_cfg, devices,
+                                                                                    rows=rows)
         compile_s = time.perf_counter() - tic
+        num_rows = step_rows(cfg, batch_sharding, rows)
     except (ConfigError, ValueError) as e:
         return LayoutReport(spec, shape_text or "?", error=str(e).split(": ", 1)[-1][:300])
     except jax.errors.JaxRuntimeError as e:
@@ -175,8 +194,7 @@ def measure_layout(config: ml_collections.ConfigDict, spec: str, model_cfg: Mode
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and "flops" in cost:
         report.xla_tflop = cost["flops"] * len(devices) / 1e12  # the cost is of one device's program
-    batch, length = cfg.train.batch_size, cfg.data.max_len
-    report.analytic_tflop = analytic_flops(model_cfg, batch, length) / 1e12
+    report.analytic_tflop = analytic_flops(model_cfg, num_rows, cfg.data.max_len) / 1e12
     hlo_text = compiled.as_text()
     if hlo_dir is not None:
         hlo_dir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +205,7 @@ def measure_layout(config: ml_collections.ConfigDict, spec: str, model_cfg: Mode
         report.hlo_dot_tflop = dot_flops(module) * len(devices) / 1e12
     if topology is None and steps > 0:
         _time_steps(report, cfg, compiled, model, tx, state_shardings, batch_sharding, mesh, steps, peak_tflops,
-                    len(devices), model_cfg.vocab_size)
+                    len(devices), model_cfg.vocab_size, num_rows)
     return report
 
 
@@ -207,10 +225,10 @@ def _out_of_memory_report(spec: str, mesh: str, message: str, device: Any,
 
 
 def _time_steps(report: LayoutReport, cfg, compiled, model, tx, state_shardings, batch_sharding, mesh,
-                steps: int, peak_tflops: float | None, num_devices: int, vocab_size: int) -> None:
+                steps: int, peak_tflops: float | None, num_devices: int, vocab_size: int, num_rows: int) -> None:
     with jax.set_mesh(mesh):
         state = runtime.create_train_state(model, tx, state_shardings, jax.random.key(cfg.seed))
-        batch = runtime.global_batch(synthetic_batch(cfg, vocab_size), batch_sharding)
+        batch = runtime.global_batch(synthetic_batch(cfg, vocab_size, rows=num_rows), batch_sharding)
         state, metrics = compiled(state, batch)  # warm-up
         jax.block_until_ready(metrics)
         tic = time.perf_counter()
@@ -218,7 +236,7 @@ def _time_steps(report: LayoutReport, cfg, compiled, model, tx, state_shardings,
             state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         report.step_s = (time.perf_counter() - tic) / steps
-    report.tokens_per_s = cfg.train.batch_size * cfg.data.max_len / report.step_s
+    report.tokens_per_s = num_rows * cfg.data.max_len / report.step_s
     if peak_tflops:
         report.mfu = report.analytic_tflop / report.step_s / (peak_tflops * num_devices)
 
@@ -236,10 +254,14 @@ def resolve_vocab_size(config: ml_collections.ConfigDict, fallback: int) -> int:
 def compare(config: ml_collections.ConfigDict, specs: Sequence[str], topology: Topology | None = None,
             steps: int = 5, vocab_size: int = 32001, peak_tflops: float | None = None,
             tensor: int | None = None, devices: Sequence[Any] | None = None,
-            hlo_dir: PathLike | None = None) -> list[LayoutReport]:
+            hlo_dir: PathLike | None = None, rows: int | None = None) -> list[LayoutReport]:
     """One LayoutReport per layout spec (the library entry point of the tool); with `hlo_dir`, each layout's
-    compiled HLO is also written there. ConfigError for a bad config or an unknown layout."""
+    compiled HLO is also written there; `rows`: the global batch's rows with packing="examples" (see
+    `step_rows`). ConfigError for a bad config or an unknown layout."""
     validate(config, paths=False)  # compiling needs no data, tokenizer or workdir
+    if rows is not None and packing_mode(config.data.packing) != "examples":
+        raise ConfigError(f"--rows={rows}: only with config.data.packing='examples'; with "
+                          f"{config.data.packing!r} a step is train.batch_size={config.train.batch_size} rows")
     if not specs:
         raise ConfigError("--layouts: no layout given; name one or more of " + ",".join(sharding.LAYOUTS))
     for spec in specs:
@@ -255,6 +277,6 @@ def compare(config: ml_collections.ConfigDict, specs: Sequence[str], topology: T
     for spec in specs:
         logging.info("compiling the train step under layout %s", spec)
         reports.append(measure_layout(config, spec, model_cfg, devices, topology, steps, peak, tensor,
-                                      as_path(hlo_dir) if hlo_dir is not None else None))
+                                      as_path(hlo_dir) if hlo_dir is not None else None, rows))
     return reports
 

@@ -5,7 +5,8 @@
   python -m lima_jax.data build jsonl --name NAME --train train.jsonl [--dev dev.jsonl] [--test test.jsonl]
                                       --data_dir OUT
   python -m lima_jax.data stats --data PATH --tokenizer tokenizer.model [--max_len 2048] [--histogram out.png]
-                                [--on_bad_example error|skip] [--max_line_bytes 4194304]
+                                [--on_bad_example error|skip] [--max_line_bytes 4194304] [--batch_size 32]
+                                [--num_epochs 15] [--seed 0] [--row_multiple 1]
   python -m lima_jax.data tokenizer train --input conversations.jsonl --output tokenizer.model [--vocab_size 512]
   python -m lima_jax.data tokenizer encode --tokenizer tokenizer.model '["Hi", "Hello!"]'
 
@@ -51,8 +52,9 @@ def _stats(args: argparse.Namespace) -> None:
     tokenizer = Tokenizer(as_path(args.tokenizer), "--tokenizer")
     report = load_examples(args.data, tokenizer, args.max_len, args.loss_on, args.on_bad_example,
                            max_line_bytes=args.max_line_bytes or MAX_LINE_BYTES)
-    stats = compute_stats(args.data, report, args.max_len)
-    print(format_stats(stats, args.batch_size))
+    stats = compute_stats(args.data, report, args.max_len, args.batch_size, args.num_epochs, args.seed,
+                          args.row_multiple)
+    print(format_stats(stats))
     if args.histogram:
         write_histogram(stats, report.examples, as_path(args.histogram))
         print(f"wrote {args.histogram}")
@@ -88,16 +90,6 @@ def _tokenizer_encode(args: argparse.Namespace) -> None:
         print(f"{token:>7} {'T' if is_target else '.'} {tok.id_to_piece(token)}")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     p = cli.parser("lima_jax.data", __doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -118,16 +110,23 @@ def parser() -> argparse.ArgumentParser:
         kind.add_argument("--data_dir", required=True, metavar="OUT", help="TFDS data dir to write into")
     build.set_defaults(run=_build)
 
-    stats = sub.add_parser("stats", help="counts, token lengths per source, trimming, padding vs packing")
+    stats = sub.add_parser("stats", help="counts, token lengths per source, trimming, steps per packing mode")
     stats.add_argument("--data", required=True, help="a JSONL file or a built dataset folder (FOLDER[:split])")
     stats.add_argument("--tokenizer", required=True, metavar="FILE", help="sentencepiece model")
     stats.add_argument("--max_len", type=int, default=2048)
     stats.add_argument("--loss_on", default="assistant", choices=("assistant", "all"))
     stats.add_argument("--on_bad_example", default="error", choices=("error", "skip"))
-    stats.add_argument("--max_line_bytes", type=_positive_int, default=None, metavar="N",
+    stats.add_argument("--max_line_bytes", type=cli.positive_int, default=None, metavar="N",
                        help="a longer JSONL line is a bad example, like config.data.max_line_bytes "
                             "(default 4194304: 4 MiB)")
-    stats.add_argument("--batch_size", type=int, help="also print steps per epoch at this many rows per step")
+    stats.add_argument("--batch_size", type=cli.positive_int, default=32,
+                       help="train.batch_size of the step plans (default 32: the paper's examples per step)")
+    stats.add_argument("--num_epochs", type=cli.positive_int, default=15,
+                       help="epochs the rows per step of packing='examples' are planned over (default 15)")
+    stats.add_argument("--seed", type=int, default=0, help="config.seed of the epochs' order (default 0)")
+    stats.add_argument("--row_multiple", type=cli.positive_int, default=1, metavar="N",
+                       help="round packing='examples' rows per step up to a multiple of N, as training does "
+                            "with the batch's data shards x grad_accum_steps (default 1)")
     stats.add_argument("--histogram", metavar="PNG", help="write a length histogram PNG here")
     stats.set_defaults(run=_stats)
 

@@ -2,17 +2,24 @@
 
 A row holds `max_len` input positions: `tokens[i]` predicts `targets[i]`, weighted by `weights[i]`
 (1 on assistant tokens and their EOT by default, or on every token with `loss_on="all"`). Conversations
-longer than `max_len + 1` tokens are trimmed at the end. Without packing a row holds one example; with
-packing (`config.data.packing`) a row holds several, laid out by best-fit decreasing (`packing.py`);
-`segment_ids` number a row's examples 1, 2, ... (0 = padding) and `positions` restart at 0 for each.
+longer than `max_len + 1` tokens are trimmed at the end. `config.data.packing` decides how examples fill
+rows (`PACKING_MODES`):
 
-`train.batch_size` counts *rows* per step in both modes. The rows of an epoch, and so the steps per
-epoch, are known before training: without packing one row per example; with packing the number of
-best-fit-decreasing bins of the example lengths, which does not depend on the order (see
-`best_fit_decreasing`), so every epoch has the same number of steps and the learning-rate schedule knows
-the total in advance. Every epoch visits every example once in an order that depends only on
-(seed, epoch); the last, short batch is filled with empty rows (weight 0) instead of being dropped.
-Each host builds only its own rows of every global batch, from step `start_step` on (resuming).
+  "none"      one example per row; `train.batch_size` rows (= examples) per step (the paper's layout)
+  "rows"      several examples per row, best-fit decreasing over the whole epoch; `train.batch_size`
+              counts packed *rows* per step, so a step holds ~3x the examples and an epoch has ~1/3 the steps
+  "examples"  a step holds exactly `train.batch_size` examples (the paper's steps), packed by best-fit
+              decreasing into a fixed number of rows R for the whole run (`plan_steps`): the most rows any
+              step of any epoch needs, rounded up to what the mesh and gradient accumulation divide; the
+              unused rows of a step are empty (segment_ids 0, weights 0)
+
+`segment_ids` number a row's examples 1, 2, ... (0 = padding) and `positions` restart at 0 for each
+(`packing.py`). The steps per epoch are known before training: ceil(examples / batch_size) for "none"
+and "examples", ceil(rows / batch_size) for "rows", where the number of best-fit-decreasing rows does not
+depend on the order (see `best_fit_decreasing`), so every epoch has the same number of steps and the
+learning-rate schedule knows the total in advance. Every epoch visits every example once in an order that
+depends only on (seed, epoch); the last, short batch is filled with empty rows (weight 0) instead of being
+dropped. Each host builds only its own rows of every global batch, from step `start_step` on (resuming).
 
 Examples come from a JSONL file (`formats.py`) or a prepared TFDS dataset (`tfds_builders.py`), local or
 on gs:// (every path goes through `lima_jax.paths`).
@@ -31,6 +38,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from lima_jax.config import PACKING_MODES, packing_mode
 from lima_jax.data.formats import MAX_LINE_BYTES, Conversation, DataError, parse_json_line, parse_record, read_lines
 from lima_jax.data.packing import ROW_FIELDS, best_fit_decreasing, token_efficiency, write_rows
 from lima_jax.paths import PathLike
@@ -189,19 +197,72 @@ def _row_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarra
     return np.random.default_rng([seed, epoch, 1]).permutation(num_rows) if shuffle else np.arange(num_rows)
 
 
-def epoch_rows(lengths: Sequence[int], *, max_len: int, seed: int, epoch: int, shuffle: bool = True,
-               packing: bool = False) -> list[list[int]]:
-    """The example indices of each row of `epoch`, rows in training order; a function of its arguments only.
+def _mode(packing: str | bool) -> str:
+    """`packing` as one of PACKING_MODES (an older bool accepted); ValueError for anything else."""
+    mode = packing_mode(packing)
+    if mode not in PACKING_MODES:
+        raise ValueError(f"packing={packing!r}: expected one of {PACKING_MODES}")
+    return mode
 
-    Packing: the examples, in this epoch's order, are packed by best-fit decreasing (so equal lengths
-    are grouped differently from epoch to epoch), then the rows are shuffled.
+
+def pack_rows(indices: Sequence[int], lengths: Sequence[int], max_len: int) -> list[list[int]]:
+    """The examples `indices` (into `lengths`) packed into rows by best-fit decreasing; ties keep their order
+    in `indices`."""
+    bins = best_fit_decreasing([lengths[i] for i in indices], max_len)
+    return [[int(indices[j]) for j in b] for b in bins]
+
+
+def epoch_rows(lengths: Sequence[int], *, max_len: int, seed: int, epoch: int, shuffle: bool = True,
+               packing: str | bool = "none") -> list[list[int]]:
+    """The example indices of each row of `epoch` for packing "none" or "rows", rows in training order; a
+    function of its arguments only (for "examples" see `epoch_steps`).
+
+    "rows": the examples, in this epoch's order, are packed by best-fit decreasing (so equal lengths are
+    grouped differently from epoch to epoch), then the rows are shuffled.
     """
+    mode = _mode(packing)
+    if mode == "examples":
+        raise ValueError('packing="examples" packs each step on its own: use epoch_steps')
     order = epoch_order(len(lengths), seed, epoch, shuffle)
-    if not packing:
+    if mode == "none":
         return [[int(i)] for i in order]
-    bins = best_fit_decreasing([lengths[i] for i in order], max_len)
-    rows = [[int(order[j]) for j in b] for b in bins]
+    rows = pack_rows(order, lengths, max_len)
     return [rows[k] for k in _row_order(len(rows), seed, epoch, shuffle)]
+
+
+def epoch_steps(lengths: Sequence[int], *, batch_size: int, max_len: int, seed: int, epoch: int,
+                shuffle: bool = True, packing: str | bool = "none") -> list[list[list[int]]]:
+    """The rows (example indices) of every step of `epoch`, steps in training order; a function of its
+    arguments only. A step lists only its real rows: the global batch fills it up with empty rows.
+
+    "none" / "rows": `epoch_rows` cut into steps of `batch_size` rows. "examples": step k takes examples
+    k*B ... (k+1)*B-1 of the epoch's order (the very examples of the unpacked step k) and packs them by
+    best-fit decreasing into as few rows as they fit, the fullest rows first.
+    """
+    if _mode(packing) != "examples":
+        rows = epoch_rows(lengths, max_len=max_len, seed=seed, epoch=epoch, shuffle=shuffle, packing=packing)
+        return [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
+    order = epoch_order(len(lengths), seed, epoch, shuffle)
+    return [pack_rows(order[k:k + batch_size], lengths, max_len) for k in range(0, len(order), batch_size)]
+
+
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= `value`."""
+    return -(-value // multiple) * multiple
+
+
+def rows_per_step(lengths: Sequence[int], *, batch_size: int, max_len: int, seed: int, shuffle: bool = True,
+                  packing: str | bool = "none", num_epochs: int = 1, row_multiple: int = 1) -> int:
+    """R, the rows of every global batch of the run: `batch_size` for "none" and "rows"; for "examples" the
+    most rows any step of epochs 1..`num_epochs` packs into (planned over every epoch's shuffle, so one
+    program serves the whole run), rounded up to a multiple of `row_multiple` (the batch's data shards
+    times train.grad_accum_steps: every shard and micro-batch gets the same number of rows)."""
+    if _mode(packing) != "examples":
+        return batch_size
+    most = max(len(step) for epoch in range(1, num_epochs + 1)
+               for step in epoch_steps(lengths, batch_size=batch_size, max_len=max_len, seed=seed, epoch=epoch,
+                                       shuffle=shuffle, packing="examples"))
+    return round_up(most, row_multiple)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,11 +281,13 @@ class RowLayout:
                 f"{100 * self.efficiency:.1f}% of row tokens are real (non-pad)")
 
 
-def row_layout(examples: Sequence[Example], max_len: int, packing: bool = False) -> RowLayout:
-    """Rows per epoch and token efficiency for `examples`, padded or packed."""
+def row_layout(examples: Sequence[Example], max_len: int, packing: str | bool = "none") -> RowLayout:
+    """Rows per epoch and token efficiency for `examples` laid out over a whole epoch: padded ("none") or
+    packed ("rows"; with "examples" each step packs its own, see `plan_steps`)."""
     lengths = [len(e) for e in examples]
-    num_rows = len(best_fit_decreasing(lengths, max_len)) if packing else len(lengths)
-    return RowLayout(len(lengths), num_rows, max_len, packing, token_efficiency(lengths, num_rows, max_len))
+    packed = _mode(packing) != "none"
+    num_rows = len(best_fit_decreasing(lengths, max_len)) if packed else len(lengths)
+    return RowLayout(len(lengths), num_rows, max_len, packed, token_efficiency(lengths, num_rows, max_len))
 
 
 def steps_per_epoch(num_rows: int, batch_size: int) -> int:
@@ -233,12 +296,54 @@ def steps_per_epoch(num_rows: int, batch_size: int) -> int:
     return math.ceil(num_rows / batch_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The shape of a run's steps: what `batch_size` counts, the rows R of every global batch, the steps of
+    every epoch, and the share of the computed row positions (steps x R x max_len) that are real tokens."""
+
+    packing: str
+    batch_size: int
+    num_examples: int
+    max_len: int
+    rows_per_step: int
+    steps_per_epoch: int
+    epoch_tokens: int  # real (non-pad) tokens of one epoch
+
+    @property
+    def efficiency(self) -> float:
+        return self.epoch_tokens / max(self.steps_per_epoch * self.rows_per_step * self.max_len, 1)
+
+    def describe(self) -> str:
+        counts = "examples" if self.packing in ("none", "examples") else "packed rows"
+        return (f"packing={self.packing!r}: {self.steps_per_epoch} steps/epoch of {self.batch_size} {counts}, "
+                f"{self.rows_per_step} rows x {self.max_len} tokens per step; {100 * self.efficiency:.1f}% of "
+                "the rows' tokens are real (non-pad)")
+
+
+def plan_steps(examples: Sequence[Example], *, batch_size: int, max_len: int, seed: int, shuffle: bool = True,
+               packing: str | bool = "none", num_epochs: int = 1, row_multiple: int = 1) -> StepPlan:
+    """The StepPlan of training `examples` for `num_epochs` epochs (see `rows_per_step` for R)."""
+    mode, lengths = _mode(packing), [len(e) for e in examples]
+    rows = len(lengths) if mode == "examples" else row_layout(examples, max_len, mode).num_rows
+    num_rows = rows_per_step(lengths, batch_size=batch_size, max_len=max_len, seed=seed, shuffle=shuffle,
+                             packing=mode, num_epochs=num_epochs, row_multiple=row_multiple)
+    return StepPlan(mode, batch_size, len(lengths), max_len, num_rows, steps_per_epoch(rows, batch_size),
+                    int(sum(lengths)))
+
+
+# How each mode enters the input signature: "none" and "rows" as the bools of the checkpoints written before
+# the modes existed, so those runs still resume.
+_SIGNATURE_PACKING = {"none": False, "rows": True}
+
+
 def input_signature(examples: Sequence[Example], *, batch_size: int, max_len: int, seed: int, shuffle: bool,
-                    packing: bool) -> str:
-    """A digest of everything that decides which rows step k of epoch e trains on. Stored next to
-    (epoch, batches_done) in a checkpoint, it lets a resumed run refuse to continue on different data or
-    settings, where the saved position would no longer point at the same examples."""
-    digest = hashlib.sha256(repr((batch_size, max_len, seed, shuffle, packing, len(examples))).encode())
+                    packing: str | bool) -> str:
+    """A digest of everything that decides which rows step k of epoch e trains on, the packing mode included.
+    Stored next to (epoch, batches_done) in a checkpoint, it lets a resumed run refuse to continue on
+    different data or settings, where the saved position would no longer point at the same examples."""
+    mode = _mode(packing)
+    key = (batch_size, max_len, seed, shuffle, _SIGNATURE_PACKING.get(mode, mode), len(examples))
+    digest = hashlib.sha256(repr(key).encode())
     for ex in examples:
         digest.update(ex.tokens.tobytes())
         digest.update(ex.weights.tobytes())
@@ -263,19 +368,24 @@ def pad_rows(examples: Sequence[Example | None], max_len: int) -> dict[str, np.n
 
 def epoch_batches(examples: Sequence[Example], *, batch_size: int, max_len: int, seed: int, epoch: int,
                   shuffle: bool = True, start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                  packing: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                  packing: str | bool = "none", num_rows: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """This host's share of each global batch of `epoch`, from batch `start_step` on (for resuming).
 
-    A global batch is `batch_size` rows (see `epoch_rows`); host p of P builds only rows
-    [p*B/P, (p+1)*B/P) of each.
+    A global batch is `num_rows` rows (default `batch_size`; with packing="examples" pass the run's
+    `rows_per_step`), a step's rows (see `epoch_steps`) followed by empty ones; host p of P builds only rows
+    [p*R/P, (p+1)*R/P) of each.
     """
-    if batch_size % process_count:
-        raise ValueError(f"train.batch_size={batch_size} is not divisible by {process_count} processes")
-    per_host = batch_size // process_count
-    rows = epoch_rows([len(e) for e in examples], max_len=max_len, seed=seed, epoch=epoch, shuffle=shuffle,
-                      packing=packing)
-    for step in range(start_step, steps_per_epoch(len(rows), batch_size)):
-        global_rows = rows[step * batch_size:(step + 1) * batch_size]
-        global_rows += [[]] * (batch_size - len(global_rows))
+    num_rows = batch_size if num_rows is None else num_rows
+    if num_rows % process_count:
+        raise ValueError(f"{num_rows} rows per step (train.batch_size={batch_size}, packing={packing!r}) are not "
+                         f"divisible by {process_count} processes")
+    per_host = num_rows // process_count
+    steps = epoch_steps([len(e) for e in examples], batch_size=batch_size, max_len=max_len, seed=seed, epoch=epoch,
+                        shuffle=shuffle, packing=packing)
+    for step_rows in steps[start_step:]:
+        if len(step_rows) > num_rows:
+            raise ValueError(f"epoch {epoch}: a step packs into {len(step_rows)} rows, more than the {num_rows} "
+                             "planned (rows_per_step must cover every epoch of the run)")
+        global_rows = step_rows + [[]] * (num_rows - len(step_rows))
         mine = global_rows[process_index * per_host:(process_index + 1) * per_host]
         yield write_rows([[examples[i] for i in row] for row in mine], max_len)

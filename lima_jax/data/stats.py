@@ -1,5 +1,7 @@
-"""What a training set looks like once tokenized: counts, token lengths per source, trimming, and how well
-the examples fill rows padded vs packed. `python -m lima_jax.data stats` prints it and draws a histogram."""
+"""What a training set looks like once tokenized: counts, token lengths per source, trimming, how well the
+examples fill rows padded vs packed, and the steps of a run in each packing mode ("none", "rows",
+"examples": steps per epoch, rows per step, real-token share). `python -m lima_jax.data stats` prints it
+and draws a histogram."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from lima_jax.data.pipeline import Example, LoadReport, RowLayout, row_layout, steps_per_epoch
+from lima_jax.config import PACKING_MODES
+from lima_jax.data.pipeline import Example, LoadReport, RowLayout, StepPlan, plan_steps, row_layout
 from lima_jax.paths import PathLike, as_path
 
 NO_SOURCE = "(no source)"
@@ -45,16 +48,24 @@ class DataStats:
     target_tokens: int
     padded: RowLayout
     packed: RowLayout
+    plans: dict[str, StepPlan]  # packing mode -> the run's steps
+    num_epochs: int
+    seed: int
 
 
-def compute_stats(path: PathLike, report: LoadReport, max_len: int) -> DataStats:
-    """Statistics of the examples `load_examples(path, ...)` returned."""
+def compute_stats(path: PathLike, report: LoadReport, max_len: int, batch_size: int = 32, num_epochs: int = 15,
+                  seed: int = 0, row_multiple: int = 1) -> DataStats:
+    """Statistics of the examples `load_examples(path, ...)` returned; the step plans of every packing mode
+    at `batch_size` (rows per step for "examples" planned over `num_epochs` epochs of `seed`'s order and
+    rounded up to `row_multiple`, as training does with the batch shards x grad_accum_steps)."""
     examples = report.examples
     sources = sorted({e.source for e in examples})
     per_source = {s or NO_SOURCE: LengthSummary.of([e for e in examples if e.source == s]) for s in sources}
+    plans = {mode: plan_steps(examples, batch_size=batch_size, max_len=max_len, seed=seed, packing=mode,
+                              num_epochs=num_epochs, row_multiple=row_multiple) for mode in PACKING_MODES}
     return DataStats(str(path), max_len, len(report.skipped), LengthSummary.of(examples), per_source,
-                     int(sum(e.weights.sum() for e in examples)), row_layout(examples, max_len, packing=False),
-                     row_layout(examples, max_len, packing=True))
+                     int(sum(e.weights.sum() for e in examples)), row_layout(examples, max_len, "none"),
+                     row_layout(examples, max_len, "rows"), plans, num_epochs, seed)
 
 
 def _summary_line(name: str, s: LengthSummary) -> str:
@@ -63,7 +74,13 @@ def _summary_line(name: str, s: LengthSummary) -> str:
             f"{s.trimmed:>7}")
 
 
-def format_stats(stats: DataStats, batch_size: int | None = None) -> str:
+def _plan_line(plan: StepPlan) -> str:
+    per_step = plan.num_examples / plan.steps_per_epoch
+    return (f"{plan.packing:<10} {plan.batch_size:>6} {'rows' if plan.packing == 'rows' else 'examples':<9} "
+            f"{plan.steps_per_epoch:>11} {plan.rows_per_step:>9} {per_step:>13.1f} {100 * plan.efficiency:>10.1f}%")
+
+
+def format_stats(stats: DataStats) -> str:
     """The human-readable report printed by `python -m lima_jax.data stats`."""
     header = f"{'source':<16} {'count':>6} {'tokens':>10} {'mean':>7} {'min':>6} " + " ".join(
         f"{'p' + str(p):>7}" for p in PERCENTILES) + f" {'max':>7} {'trimmed':>7}"
@@ -75,11 +92,12 @@ def format_stats(stats: DataStats, batch_size: int | None = None) -> str:
     lines += [_summary_line(name, s) for name, s in stats.per_source.items()]
     if len(stats.per_source) > 1:
         lines.append(_summary_line("all", stats.overall))
-    for layout in (stats.padded, stats.packed):
-        line = layout.describe()
-        if batch_size:
-            line += f"; {steps_per_epoch(layout.num_rows, batch_size)} steps/epoch at batch_size={batch_size} rows"
-        lines.append(line)
+    lines += [layout.describe() for layout in (stats.padded, stats.packed)]
+    lines.append(f"steps per data.packing mode (rows/step of \"examples\": the most any step of {stats.num_epochs} "
+                 f"epochs of seed {stats.seed} needs; real tokens: share of steps x rows x max_len):")
+    lines.append(f"{'packing':<10} {'batch_size':<16} {'steps/epoch':>11} {'rows/step':>9} {'examples/step':>13} "
+                 f"{'real tokens':>11}")
+    lines += [_plan_line(plan) for plan in stats.plans.values()]
     return "\n".join(lines)
 
 
