@@ -34,8 +34,10 @@ def read_metrics(workdir) -> dict[int, dict]:
 
 
 def finished_checkpoints(workdir) -> list[int]:
+    """Steps whose save finished: orbax renamed the folder and the manifest, written last, is there."""
     folder = pathlib.Path(workdir) / "checkpoints"
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+    return sorted(int(p.name) for p in folder.iterdir()
+                  if p.name.isdigit() and (p / "lima_manifest.json").is_file()) if folder.exists() else []
 
 
 @pytest.fixture(scope="module")
