@@ -37,3 +37,19 @@ def shared_file(relative: str) -> pathlib.Path:
     if not path.is_file():
         pytest.skip(f"{path} is absent (../shared/data beside the checkout holds the real test material)")
     return path
+
+
+class StoppedAfterEpoch(Exception):
+    """Raised by `train_stopping_after`'s hook: the run ends there as if killed after that epoch's hooks."""
+
+
+def train_stopping_after(config, epoch: int) -> None:
+    """Trains `config` and stops right after `epoch` (its checkpoint written), like a job killed there."""
+    from lima_jax.training import train
+
+    def stop(end):
+        if end.epoch == epoch:
+            raise StoppedAfterEpoch
+
+    with pytest.raises(StoppedAfterEpoch):
+        train(config, after_epoch=stop)

@@ -20,11 +20,9 @@ from lima_jax.errors import CheckpointError, ConfigError, TrainingDiverged
 from lima_jax.train_step import TrainState
 from lima_jax.training import _check_restored_finite, train
 
+from tests.conftest import train_stopping_after
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-class Stop(Exception):
-    pass
 
 
 def toy_config(workdir, **train_fields):
@@ -42,12 +40,7 @@ def two_epochs(tmp_path_factory):
     """A run stopped after epoch 2 of 3: checkpoints/6 and checkpoints/12, both sealed."""
     workdir = tmp_path_factory.mktemp("two_epochs") / "run"
 
-    def stop_after_two(end):
-        if end.epoch == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(toy_config(workdir), after_epoch=stop_after_two)
+    train_stopping_after(toy_config(workdir), 2)
     return workdir
 
 

@@ -11,11 +11,9 @@ from lima_jax import checkpoint, manifest, rundir, runtime
 from lima_jax.config import ConfigError, load_config_file, model_config, validate
 from lima_jax.training import train
 
+from tests.conftest import train_stopping_after
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-class Stop(Exception):
-    pass
 
 
 def params_config(workdir):
@@ -38,12 +36,7 @@ def snapshot_run(tmp_path_factory):
     and resumed to the end."""
     workdir = tmp_path_factory.mktemp("snapshots") / "run"
 
-    def stop_after_two(end):
-        if end.epoch == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(params_config(workdir), after_epoch=stop_after_two)
+    train_stopping_after(params_config(workdir), 2)
     stopped = {"checkpoints": sorted(p.name for p in (workdir / "checkpoints").iterdir()),
                "snapshots": sorted(p.name for p in (workdir / "snapshots").iterdir())}
     (workdir / "snapshots" / "epoch_002" / manifest.MANIFEST).unlink()  # its save never finished
