@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.grad_accum_steps = 1
     c.train.log_every = 1
     c.train.checkpoint_every_steps = 0  # 0: one checkpoint at the end of every epoch, all kept
+    c.train.checkpoint_every_minutes = 0.0  # > 0: also a mid-epoch checkpoint once this long since the last save
     c.train.resume_step = 0  # 0: resume from the newest verified checkpoint; N: from checkpoints/N
     # The workdir's run lock (docs/training.md): heartbeat every 60 s; one older than 600 s is stale.
     c.train.lock_heartbeat_s = 60.0

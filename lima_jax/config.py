@@ -232,6 +232,9 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
            f"must divide train.batch_size={t.batch_size}")
     _check(config, t.log_every > 0, "train.log_every", "must be positive")
     _check(config, t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: per epoch only)")
+    minutes = t.get("checkpoint_every_minutes", 0.0)  # absent in a config.json written before it existed
+    _check(config, _is_number(minutes) and minutes >= 0, "train.checkpoint_every_minutes",
+           "must be a number >= 0 (minutes between time-based mid-epoch checkpoints; 0: off)")
     _check(config, t.get("resume_step", 0) >= 0, "train.resume_step", "must be >= 0 (0: the newest checkpoint)")
     heartbeat_s, stale_s = lock_timing(config)
     _check(config, _is_number(heartbeat_s) and heartbeat_s > 0, "train.lock_heartbeat_s",
