@@ -205,7 +205,8 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                             _stop_if_agreed(agreement, checkpoints, epoch, step)  # a signal during the save
                     # The end-of-epoch hooks (dev report), after the checkpoint exists.
                     epoch_done(epoch)
-                    _stop_if_agreed(agreement, checkpoints, epoch, int(state.step))  # a signal during the hook
+                    if epoch < config.train.num_epochs:  # after the last hook training is done anyway
+                        _stop_if_agreed(agreement, checkpoints, epoch, int(state.step))  # a signal during the hook
             finally:
                 writer.close()
                 checkpoints.close()

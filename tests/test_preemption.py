@@ -270,10 +270,22 @@ def test_checkpoint_every_minutes_is_due_by_the_clock_and_restarts_at_each_save(
 
 
 @pytest.mark.slow
-def test_time_based_checkpoints_are_written_mid_epoch(toy_config):
+def test_time_based_checkpoints_and_a_signal_during_the_end_of_epoch_hook(toy_config):
+    """In-process: a checkpoint after every step (a tiny checkpoint_every_minutes); a SIGTERM that comes during
+    epoch 1's hook lets the hook finish, then stops with the epoch's checkpoint."""
     from lima_jax.training import train
-    toy_config.train.num_epochs = 1
     toy_config.dev_report.epochs = ()
+    toy_config.train.num_epochs = 2
     toy_config.train.checkpoint_every_minutes = 1e-9  # due after every step
-    train(toy_config)
+    hooks, before = [], signal.getsignal(signal.SIGTERM)
+
+    def hook(end):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        hooks.append(end.epoch)
+
+    with pytest.raises(Preempted, match=f"preempted at epoch 1 step {STEPS_PER_EPOCH}: checkpoint "):
+        train(toy_config, after_epoch=hook)
+    assert hooks == [1]
     assert checkpoint_steps(toy_config.workdir) == list(range(1, STEPS_PER_EPOCH + 1))
+    assert signal.getsignal(signal.SIGTERM) is before  # restored
