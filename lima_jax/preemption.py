@@ -53,6 +53,9 @@ class StopRequests:
             _say(f"{name} received: a checkpoint is being written, saving, please wait (the signal is ignored)")
         elif self.requested:
             _say(f"{name} received: already stopping at the next step boundary to write a checkpoint, please wait")
+        elif self._saving:
+            self.signal_name = name
+            _say(f"{name} received: a checkpoint is being written; stopping once it is complete")
         else:
             self.signal_name = name
             _say(f"{name} received: stopping at the next step boundary to write a checkpoint (once every host "

@@ -251,6 +251,10 @@ def test_signal_handlers_only_record_the_request_and_are_restored_afterwards(cap
         assert stops.signal_name == "SIGINT"
     assert signal.getsignal(signal.SIGINT) is before
     assert "saving, please wait" in capfd.readouterr().err
+    during_a_regular_save = preemption.StopRequests()
+    with during_a_regular_save.saving():
+        during_a_regular_save.handle(signal.SIGTERM)
+    assert during_a_regular_save.requested and "stopping once it is complete" in capfd.readouterr().err
     agreement = preemption.StepAgreement(stops)
     assert agreement.after_step(1).stop and agreement.stop_agreed()
 
