@@ -10,7 +10,8 @@ when `--config` is not given, so no training override has to be repeated.
 Errors: a `lima_jax.errors.LimaError` (config, data, checkpoint, conversion, ...) prints
 `error: <file/field>: <what> <what to do>` on stderr and exits with its status (2 for bad input); with
 `--verbose` or LIMA_VERBOSE=1 the traceback is printed too. Any other exception is a bug and keeps its
-traceback. Ctrl-C exits 130 without one.
+traceback. Ctrl-C exits 130 without one (while `train` trains it is a preemption instead: a checkpoint, then the
+`Preempted` error's status 75).
 """
 from __future__ import annotations
 

@@ -258,6 +258,9 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, t.get("snapshots", "full") in SNAPSHOT_MODES, "train.snapshots", f"must be one of {SNAPSHOT_MODES}")
     _check(config, t.get("snapshot_dtype", "bfloat16") in SNAPSHOT_DTYPES, "train.snapshot_dtype",
            f"must be one of {SNAPSHOT_DTYPES}")
+    minutes = t.get("checkpoint_every_minutes", 0.0)  # absent in a config.json written before it existed
+    _check(config, _is_number(minutes) and minutes >= 0, "train.checkpoint_every_minutes",
+           "must be a number >= 0 (minutes between time-based mid-epoch checkpoints; 0: off)")
     _check(config, t.get("resume_step", 0) >= 0, "train.resume_step", "must be >= 0 (0: the newest checkpoint)")
     heartbeat_s, stale_s = lock_timing(config)
     _check(config, _is_number(heartbeat_s) and heartbeat_s > 0, "train.lock_heartbeat_s",

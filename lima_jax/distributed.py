@@ -177,3 +177,25 @@ def all_processes_ok(ok: bool) -> bool:
         return ok
     from jax.experimental import multihost_utils
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def process_rows(values: list[int]) -> np.ndarray:
+    """Every process's `values` (small ints, the same length everywhere) as rows of a (process_count, n) array,
+    row i from process i: for per-step decisions every host must take alike. One tiny all-gather."""
+    row = np.asarray(values, np.int32)
+    if jax.process_count() == 1:
+        return row[None]
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(row)).reshape(jax.process_count(), len(values))
+
+
+def reached_preemption_sync_point(step: int) -> bool:
+    """JAX's preemption notice (`multihost_utils.reached_preemption_sync_point`, as orbax wraps it): True at the
+    one step every host reaches after jax.distributed's preemption service saw a notice (a SIGTERM that arrived
+    while JAX's own handler was installed). False without jax.distributed or with the service disabled. All
+    hosts must call it at every step, from the same first step."""
+    from jax.experimental import multihost_utils
+    try:
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+    except RuntimeError:  # jax_enable_preemption_service is off
+        return False

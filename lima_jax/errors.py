@@ -44,3 +44,11 @@ class RunLocked(LimaError, RuntimeError):
     run; the message names the lock file and its holder."""
 
     exit_status = 5
+
+
+class Preempted(LimaError, RuntimeError):
+    """Training stopped on SIGTERM, SIGINT or a TPU maintenance notice, at a step boundary every host agreed
+    on, after writing a checkpoint there; running the same command again resumes from it exactly. Exit 75
+    (EX_TEMPFAIL, "temporary failure, run me again"): the status a supervisor restarts on."""
+
+    exit_status = 75

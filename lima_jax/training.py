@@ -2,7 +2,9 @@
 
 Runs `train.num_epochs` epochs over the data, writes a checkpoint at the end of every epoch (all kept, since
 LIMA picks the epoch by reading dev-set answers), and resumes from the latest checkpoint in the workdir when
-restarted, at the exact batch it stopped before. Every host of a pod slice runs the same loop.
+restarted, at the exact batch it stopped before. Every host of a pod slice runs the same loop. SIGTERM or
+SIGINT while the loop runs stops it at a step boundary every host agrees on, after a checkpoint there
+(`lima_jax.preemption`): `Preempted`, exit 75, and the same command resumes exactly.
 """
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lima_jax import checkpoint, data, distributed, manifest, runlock, runtime, sharding
+from lima_jax import checkpoint, data, distributed, manifest, preemption, runlock, runtime, sharding
 from lima_jax.config import ModelConfig, packing_mode, validate
-from lima_jax.errors import CheckpointError, ConfigError, TrainingDiverged
+from lima_jax.errors import CheckpointError, ConfigError, Preempted, TrainingDiverged
 from lima_jax.metrics import MetricsWriter
 from lima_jax.optim import learning_rate_schedule, make_optimizer
 from lima_jax.paths import atomic_write_text
@@ -115,7 +117,8 @@ def train(config: ml_collections.ConfigDict, after_epoch: EpochHook | None = Non
 
 def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHook | None,
                         lock: runlock.RunLock) -> dict:
-    """`train` with the run lock held: `lock.check()` before every checkpoint save."""
+    """`train` with the run lock held: `lock.check()` before every checkpoint save. Raises Preempted after the
+    checkpoint of the step where the hosts agreed to stop (a signal, JAX's preemption notice)."""
     # Check everything cheap before compiling: config, tokenizer, mesh, init_from, data.
     ready = setup(config)
     rt, examples = ready.rt, ready.report.examples
@@ -170,49 +173,65 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
             if after_epoch is not None:
                 after_epoch(EpochEnd(epoch, state, rt, writer, resumed))
 
-        try:
-            if latest is not None and position.batches_done == 0:
-                # Resumed at an epoch boundary: the previous run may have stopped before this epoch's snapshot
-                # or inside its hook.
-                keep_epoch(config, run, rt.model_cfg, state.params, position.epoch - 1, latest)
-                epoch_done(position.epoch - 1, resumed=True)
-            for epoch in range(position.epoch, config.train.num_epochs + 1):
-                start = position.batches_done if epoch == position.epoch else 0
-                batches = data.epoch_batches(
-                    examples, batch_size=config.train.batch_size, max_len=config.data.max_len, seed=config.seed,
-                    epoch=epoch, shuffle=config.data.shuffle, start_step=start,
-                    process_index=block, process_count=num_blocks, packing=plan.packing,
-                    num_rows=plan.rows_per_step)
-                for batch_index, local in enumerate(batches, start=start + 1):
-                    # One step, its metrics checked before anything of this state is saved.
-                    tic = time.perf_counter()
-                    state, metrics = step_fn(state, runtime.global_batch(local, batch_sharding, batch_shape))
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    step = int(state.step)
-                    _check_finite(metrics, epoch, step, checkpoints, resumed_from=latest)
-                    metrics.update(epoch=epoch, tokens_per_s=metrics["tokens"] / (time.perf_counter() - tic))
-                    last_metrics = metrics
-                    end_of_epoch = batch_index == steps_per_epoch
-                    if step % config.train.log_every == 0 or end_of_epoch:
-                        writer.write(step, metrics)
-                    # A checkpoint at the end of every epoch (and every checkpoint_every_steps if set).
-                    every = config.train.checkpoint_every_steps
-                    if end_of_epoch or (every and step % every == 0):
-                        lock.check()  # RunLocked if another run took this workdir over: it saves, not we
-                        checkpoints.save(step, state, {"epoch": epoch, "batches_done": batch_index, "step": step,
-                                                       "data_signature": data_signature,
-                                                       "total_steps": total_steps,
-                                                       "end_of_epoch": end_of_epoch, "checksummed": True,
-                                                       "model": dataclasses.asdict(rt.model_cfg)})
-                        if end_of_epoch:
-                            logging.info("epoch %d done: checkpoint %s/%d", epoch, checkpoints.directory, step)
-                            keep_epoch(config, run, rt.model_cfg, state.params, epoch, step)
-                        prune_full_states(config, checkpoints, step)
-                # The end-of-epoch hooks (dev report), after the checkpoint exists.
-                epoch_done(epoch)
-        finally:
-            writer.close()
-            checkpoints.close()
+        def save(epoch: int, batch_index: int, step: int) -> None:
+            lock.check()  # RunLocked if another run took this workdir over: it saves, not we
+            with stops.saving():
+                checkpoints.save(step, state, {"epoch": epoch, "batches_done": batch_index, "step": step,
+                                               "data_signature": data_signature, "total_steps": total_steps,
+                                               "end_of_epoch": batch_index == steps_per_epoch,
+                                               "checksummed": True, "model": dataclasses.asdict(rt.model_cfg)})
+                if batch_index == steps_per_epoch:
+                    keep_epoch(config, run, rt.model_cfg, state.params, epoch, step)
+                prune_full_states(config, checkpoints, step)
+            agreement.saved()
+
+        # SIGTERM / SIGINT from here on: stop at a step boundary all hosts agree on, save there, exit 75.
+        with preemption.catch_stop_signals() as stops:
+            agreement = preemption.StepAgreement(stops, config.train.get("checkpoint_every_minutes", 0.0))
+            try:
+                if latest is not None and position.batches_done == 0:
+                    # Resumed at an epoch boundary: the previous run may have stopped before this epoch's
+                    # snapshot or inside its hook.
+                    keep_epoch(config, run, rt.model_cfg, state.params, position.epoch - 1, latest)
+                    epoch_done(position.epoch - 1, resumed=True)
+                    _stop_if_agreed(agreement, checkpoints, position.epoch - 1, latest)
+                for epoch in range(position.epoch, config.train.num_epochs + 1):
+                    start = position.batches_done if epoch == position.epoch else 0
+                    batches = data.epoch_batches(
+                        examples, batch_size=config.train.batch_size, max_len=config.data.max_len,
+                        seed=config.seed, epoch=epoch, shuffle=config.data.shuffle, start_step=start,
+                        process_index=block, process_count=num_blocks, packing=plan.packing,
+                        num_rows=plan.rows_per_step)
+                    for batch_index, local in enumerate(batches, start=start + 1):
+                        # One step, its metrics checked before anything of this state is saved.
+                        tic = time.perf_counter()
+                        state, metrics = step_fn(state, runtime.global_batch(local, batch_sharding, batch_shape))
+                        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                        step = int(state.step)
+                        _check_finite(metrics, epoch, step, checkpoints, resumed_from=latest)
+                        metrics.update(epoch=epoch, tokens_per_s=metrics["tokens"] / (time.perf_counter() - tic))
+                        last_metrics = metrics
+                        end_of_epoch = batch_index == steps_per_epoch
+                        if step % config.train.log_every == 0 or end_of_epoch:
+                            writer.write(step, metrics)
+                        # A checkpoint at the end of every epoch, every checkpoint_every_steps /
+                        # checkpoint_every_minutes if set, and where the hosts agree to stop.
+                        decision = agreement.after_step(step)
+                        every = config.train.checkpoint_every_steps
+                        if end_of_epoch or (every and step % every == 0) or decision.checkpoint_due or decision.stop:
+                            save(epoch, batch_index, step)
+                            if end_of_epoch:
+                                logging.info("epoch %d done: checkpoint %s/%d", epoch, checkpoints.directory, step)
+                            if decision.stop:
+                                raise _preempted(checkpoints, epoch, step)
+                            _stop_if_agreed(agreement, checkpoints, epoch, step)  # a signal during the save
+                    # The end-of-epoch hooks (dev report), after the checkpoint exists.
+                    epoch_done(epoch)
+                    if epoch < config.train.num_epochs:  # after the last hook training is done anyway
+                        _stop_if_agreed(agreement, checkpoints, epoch, int(state.step))  # a signal during the hook
+            finally:
+                writer.close()
+                checkpoints.close()
     distributed.barrier("train_done")
     return last_metrics
 
@@ -253,6 +272,18 @@ def prune_full_states(config: ml_collections.ConfigDict, checkpoints: checkpoint
         checkpoints.delete(step)
     logging.info("removed the full train states of steps %s: %s verified, and their epochs are kept as "
                  "snapshots", older, checkpoints.step_folder(newest))
+
+
+def _preempted(checkpoints: checkpoint.TrainCheckpoints, epoch: int, step: int) -> Preempted:
+    return Preempted(f"preempted at epoch {epoch} step {step}: checkpoint {checkpoints.step_folder(step)} written; "
+                     "run the same command again to resume")
+
+
+def _stop_if_agreed(agreement: preemption.StepAgreement, checkpoints: checkpoint.TrainCheckpoints, epoch: int,
+                    step: int) -> None:
+    """Raises Preempted naming the checkpoint of `step` (just written) when any host was asked to stop."""
+    if agreement.stop_agreed():
+        raise _preempted(checkpoints, epoch, step)
 
 
 def choose_resume_step(checkpoints: checkpoint.TrainCheckpoints, requested: int,

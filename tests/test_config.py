@@ -64,6 +64,7 @@ def test_smaller_models_use_batch_64_and_dropout_0_2():
     ("workdir", "", "set an output folder"),
     ("data.max_line_bytes", 0, "must be a positive int"),
     ("data.max_line_bytes", -1, "must be a positive int"),
+    ("train.checkpoint_every_minutes", -1.0, "must be a number >= 0"),
 ])
 def test_bad_values_name_the_file_and_field(field, value, message):
     c = filled("toy.py")
@@ -90,4 +91,11 @@ def test_max_line_bytes_defaults_to_the_readers_limit_and_may_be_absent_in_an_ol
     c = filled("lima_65b.py")
     assert c.data.max_line_bytes == MAX_LINE_BYTES == 4 * 2**20
     del c.data["max_line_bytes"]  # a run's config.json written before the field existed
+    validate(c)
+
+
+def test_checkpoint_every_minutes_is_off_by_default_and_may_be_absent_in_an_older_config_json():
+    c = filled("lima_65b.py")
+    assert c.train.checkpoint_every_minutes == 0.0
+    del c.train["checkpoint_every_minutes"]  # a run's config.json written before the field existed
     validate(c)
