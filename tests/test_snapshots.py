@@ -84,6 +84,12 @@ def test_choose_generate_and_init_from_work_from_a_snapshot(snapshot_run):
     config.init_from = str(workdir)
     used, stored = runtime.check_init_from(config, model_config(config, vocab_size=model.vocab_size))
     assert used.folder == workdir / "snapshots" / "epoch_001" and stored["param_dtype"] == "bfloat16"
+
+    from lima_jax.conversion import export_hf  # the tokenizer is found through the snapshot's run
+    exported = export_hf(workdir, None, workdir.parent / "hf_from_snapshot")
+    assert exported.param_dtype == "bfloat16"
+    hf_config = json.loads((workdir.parent / "hf_from_snapshot" / "config.json").read_text())
+    assert hf_config["num_hidden_layers"] == model.n_layers
     (workdir / "chosen_epoch.json").unlink()
 
 
