@@ -180,6 +180,7 @@ def test_help_runs(repo):
     assert proc.returncode == 0, proc.stderr
     assert "--topology" in proc.stdout and "--layouts" in proc.stdout and "Traceback" not in proc.stderr
     assert "--config.FIELD" in proc.stdout and "--dump_hlo" in proc.stdout
+    assert "--estimate" in proc.stdout and "--write_gbps" in proc.stdout and "46.2%" in proc.stdout
 
 
 def test_bad_config_value_is_one_error_paragraph(repo):

@@ -5,6 +5,8 @@ through libtpu) and the per-device peak FLOP/s and memory the comparison measure
   topology_devices    the slice's compile-only devices (needs libtpu, not a TPU)
   device_peak_tflops  bf16 dense peak of known TPUs and GPUs, else None
   device_memory_bytes the memory one device may use: the TPU generation's HBM, or the runtime's limit
+  device_hbm_gbps     HBM bandwidth of one chip of a known TPU generation (GB/s), else None
+  num_hosts           the hosts of a slice (CHIPS_PER_HOST chips each), or of the present job
 """
 from __future__ import annotations
 
@@ -17,8 +19,13 @@ from lima_jax.errors import ConfigError
 
 # Public per-chip figures (bf16 dense peak TFLOP/s, HBM GiB) of Cloud TPU generations (cloud.google.com/tpu).
 TPU_SPECS = {"v4": (275.0, 32.0), "v5p": (459.0, 95.0), "v5e": (197.0, 16.0), "v6e": (918.0, 32.0)}
+# Public per-chip HBM bandwidth in GB/s (cloud.google.com/tpu/docs: v4, v5p, v5e, v6e system architecture).
+TPU_HBM_GBPS = {"v4": 1228.0, "v5p": 2765.0, "v5e": 819.0, "v6e": 1640.0}
+# Chips per TPU VM host of multi-host slices (also the host bounds `topology_devices` compiles for).
+CHIPS_PER_HOST = 4
 _DEVICE_KIND_TO_TPU = (("TPU v6 lite", "v6e"), ("TPU v5 lite", "v5e"), ("TPU v5", "v5p"), ("TPU v4", "v4"))
 _GPU_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0))
+_GPU_HBM_GBPS = (("H200", 4800.0), ("H100", 3350.0), ("A100", 2039.0))  # SXM parts, vendor data sheets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +84,16 @@ def topology_devices(topology: Topology) -> list[Any]:
     return list(desc.devices)
 
 
-def device_peak_tflops(device: Any) -> float | None:
+def _tpu_generation(device: Any) -> str | None:
     kind = getattr(device, "device_kind", "")
-    for prefix, generation in _DEVICE_KIND_TO_TPU:
-        if kind.startswith(prefix):
-            return TPU_SPECS[generation][0]
+    return next((generation for prefix, generation in _DEVICE_KIND_TO_TPU if kind.startswith(prefix)), None)
+
+
+def device_peak_tflops(device: Any) -> float | None:
+    generation = _tpu_generation(device)
+    if generation:
+        return TPU_SPECS[generation][0]
+    kind = getattr(device, "device_kind", "")
     for name, peak in _GPU_PEAK_TFLOPS:
         if name in kind:
             return peak
@@ -97,3 +109,17 @@ def device_memory_bytes(device: Any, topology: Topology | None) -> int | None:
     except Exception:  # CPU devices and compile-only devices have none
         stats = {}
     return stats.get("bytes_limit")
+
+
+def device_hbm_gbps(device: Any, topology: Topology | None) -> float | None:
+    """HBM bandwidth of one chip in GB/s: the slice's TPU generation, a present TPU's or known GPU's, else None."""
+    generation = topology.generation if topology is not None else _tpu_generation(device)
+    if generation:
+        return TPU_HBM_GBPS[generation]
+    kind = getattr(device, "device_kind", "")
+    return next((gbps for name, gbps in _GPU_HBM_GBPS if name in kind), None)
+
+
+def num_hosts(topology: Topology | None, process_count: int) -> int:
+    """Hosts of the slice (CHIPS_PER_HOST chips each), or `process_count` for the present devices."""
+    return max(1, topology.chips // CHIPS_PER_HOST) if topology is not None else process_count
