@@ -31,13 +31,23 @@ def _report(**fields) -> LayoutReport:
 
 
 def test_step_plan_comes_from_the_datas_rows_and_tokens(toy_config, toy_examples):
+    toy_config.data.packing = "none"
     plan = estimate.step_plan(toy_config, toy_examples)
     assert plan.rows_per_step == toy_config.train.batch_size and plan.row_tokens == toy_config.data.max_len
     assert plan.steps_per_epoch == math.ceil(len(toy_examples) / toy_config.train.batch_size)
     assert plan.real_tokens_per_epoch == sum(len(e) for e in toy_examples)
-    toy_config.data.packing = True
+    assert plan.rows_for(batch_ways=8, grad_accum_steps=1) == toy_config.train.batch_size
+    toy_config.data.packing = "examples"  # the paper's steps, in the rows training plans over all epochs
+    examples = estimate.step_plan(toy_config, toy_examples)
+    assert examples.steps_per_epoch == plan.steps_per_epoch and examples.rows_per_step < plan.rows_per_step
+    assert examples.rows_per_step == data.plan_steps(
+        toy_examples, batch_size=8, max_len=toy_config.data.max_len, seed=toy_config.seed, packing="examples",
+        num_epochs=toy_config.train.num_epochs).rows_per_step
+    assert examples.rows_for(batch_ways=8, grad_accum_steps=1) == 8  # rounded up to the batch's shards
+    assert examples.rows_for(batch_ways=1, grad_accum_steps=1) == examples.rows_per_step
+    toy_config.data.packing = "rows"
     packed = estimate.step_plan(toy_config, toy_examples)
-    rows = data.row_layout(toy_examples, toy_config.data.max_len, packing=True).num_rows
+    rows = data.row_layout(toy_examples, toy_config.data.max_len, packing="rows").num_rows
     assert packed.steps_per_epoch == math.ceil(rows / toy_config.train.batch_size) < plan.steps_per_epoch
     assert packed.real_tokens_per_epoch == plan.real_tokens_per_epoch  # packing moves tokens, adds none
 
