@@ -1,6 +1,10 @@
 """Training metrics to three places at once, from host 0 only: the console (with progress), TensorBoard
 event files (`workdir/tensorboard`, via tensorboardX: no TensorFlow needed) and `workdir/metrics.jsonl`
-(one JSON object per logged step, easy to load with pandas)."""
+(one JSON object per logged step, easy to load with pandas).
+
+A gs:// workdir: tensorboardX writes its event files there itself (google-cloud-storage, a dependency of
+gcsfs), re-uploading the file at each flush; metrics.jsonl, as object stores cannot append, is kept in
+memory and re-uploaded whole at each logged step (one object write per step, never half a file)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +15,7 @@ import jax
 from absl import logging
 from etils import epath
 
-from lima_jax.paths import PathLike, atomic_write_text
+from lima_jax.paths import PathLike, atomic_write_text, is_remote
 from lima_jax.rundir import RunDir
 
 
@@ -39,7 +43,7 @@ class MetricsWriter:
             logging.info("%s: dropped %d records after step %d, logged by the interrupted run", path, dropped,
                          resumed_at)
         self.tensorboard = SummaryWriter(logdir=str(run.tensorboard), purge_step=resumed_at + 1)
-        self.jsonl = path.open("a", encoding="utf-8")
+        self.jsonl = _ObjectJsonl(path) if is_remote(path) else path.open("a", encoding="utf-8")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Logs `metrics` of the 1-based global `step`."""
@@ -72,6 +76,24 @@ class MetricsWriter:
         if self.enabled:
             self.tensorboard.close()
             self.jsonl.close()
+
+
+class _ObjectJsonl:
+    """metrics.jsonl in an object store (gs://), which has no append (gcsfs would silently overwrite): the
+    whole text in memory, uploaded in one piece at each flush, so a killed run leaves its last flushed line."""
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self.parts = [path.read_text(encoding="utf-8")] if path.exists() else []
+
+    def write(self, text: str) -> None:
+        self.parts.append(text)
+
+    def flush(self) -> None:
+        atomic_write_text(self.path, "".join(self.parts))
+
+    def close(self) -> None:
+        pass
 
 
 def _drop_records_after(path: epath.Path, step: int) -> int:
