@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lima_jax import checkpoint, data, distributed, manifest, preemption, runlock, runtime, sharding
+from lima_jax import checkpoint, data, distributed, manifest, preemption, rundir, runlock, runtime, sharding
 from lima_jax.config import ModelConfig, packing_mode, validate
 from lima_jax.errors import CheckpointError, ConfigError, Preempted, TrainingDiverged
 from lima_jax.metrics import MetricsWriter
@@ -182,7 +182,7 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                                                "checksummed": True, "model": dataclasses.asdict(rt.model_cfg)})
                 if batch_index == steps_per_epoch:
                     keep_epoch(config, run, rt.model_cfg, state.params, epoch, step)
-                prune_full_states(config, checkpoints, step)
+                prune_full_states(config, run, checkpoints, step)
             agreement.saved()
 
         # SIGTERM / SIGINT from here on: stop at a step boundary all hosts agree on, save there, exit 75.
@@ -256,10 +256,11 @@ def keep_epoch(config: ml_collections.ConfigDict, run: RunDir, model_cfg: ModelC
     logging.info("epoch %d: parameter snapshot %s (%s) in %.2f s", epoch, folder, dtype, time.perf_counter() - tic)
 
 
-def prune_full_states(config: ml_collections.ConfigDict, checkpoints: checkpoint.TrainCheckpoints,
+def prune_full_states(config: ml_collections.ConfigDict, run: RunDir, checkpoints: checkpoint.TrainCheckpoints,
                       newest: int) -> None:
     """With params snapshots: once the newest full state verifies, removes the older ones (their epochs live on
-    as snapshots; a resume needs only the newest)."""
+    as snapshots; a resume needs only the newest). Kept: an end-of-epoch state whose epoch has no sealed
+    snapshot (written before the run switched to snapshots), and the one chosen_epoch.json points at."""
     older = [s for s in checkpoints.all_steps() if s < newest]
     if not keeps_params_snapshots(config) or not older:
         return
@@ -268,10 +269,20 @@ def prune_full_states(config: ml_collections.ConfigDict, checkpoints: checkpoint
         logging.warning("not removing older checkpoints: the new one does not verify: %s",
                         checkpoint.describe_problems(checkpoints.step_folder(newest), problems))
         return
-    for step in older:
+    removable = [step for step in older if not _needed_for_choosing(run, checkpoints, step)]
+    for step in removable:
         checkpoints.delete(step)
-    logging.info("removed the full train states of steps %s: %s verified, and their epochs are kept as "
-                 "snapshots", older, checkpoints.step_folder(newest))
+    if removable:
+        logging.info("removed the full train states of steps %s: %s verified, and their epochs are kept as "
+                     "snapshots", removable, checkpoints.step_folder(newest))
+
+
+def _needed_for_choosing(run: RunDir, checkpoints: checkpoint.TrainCheckpoints, step: int) -> bool:
+    marker = rundir.read_chosen_epoch(run.root)
+    if marker is not None and marker["checkpoint"] == f"{rundir.CHECKPOINTS}/{step}":
+        return True
+    meta = checkpoints.read_meta(step)
+    return bool(meta.get("end_of_epoch")) and not manifest.has_manifest(run.snapshot(int(meta["epoch"])))
 
 
 def _preempted(checkpoints: checkpoint.TrainCheckpoints, epoch: int, step: int) -> Preempted:
