@@ -1,9 +1,11 @@
 """Checkpoints with orbax.
 
 Training checkpoints (`TrainCheckpoints`): `workdir/checkpoints/<step>/` with the train state and a JSON
-`meta` item (epoch, position in the epoch, the model config). One is written at the end of every epoch
-and all are kept, because LIMA picks the epoch by reading dev-set answers. Orbax writes into a temporary
-folder and renames it when complete, so a crash never leaves a checkpoint that looks finished. All hosts
+`meta` item (epoch, position in the epoch, the model config). One is written at the end of every epoch;
+with `train.snapshots="full"` all are kept (LIMA picks the epoch by reading dev-set answers), with "params"
+the training loop keeps each epoch as a parameter snapshot and removes older full states. Orbax finalizes a
+save only when it is complete (a renamed temporary folder locally, a commit marker on object stores), so a
+crash never leaves a checkpoint that looks finished. All hosts
 call save/restore together; each writes and reads only its own shards.
 
 Parameter checkpoints (`save_params` / `restore_params`): a folder with `params/` (orbax) and
@@ -52,7 +54,7 @@ def seal(folder: PathLike) -> None:
     if jax.process_count() > 1:
         distributed.barrier("seal_parts")
         if jax.process_index() == 0:
-            manifest.merge_parts(folder)
+            manifest.merge_parts(folder, jax.process_count())
         distributed.barrier("seal_done")
 
 
@@ -102,7 +104,7 @@ def is_train_step_folder(folder: PathLike) -> bool:
 
 
 class TrainCheckpoints:
-    """Per-epoch (and optionally periodic) training checkpoints under `directory`, none ever deleted."""
+    """Per-epoch (and optionally periodic) training checkpoints under `directory`; only `delete` removes one."""
 
     def __init__(self, directory: PathLike):
         self.directory = as_path(directory)
@@ -175,6 +177,7 @@ def save_params(directory: PathLike, params: Any, model: ModelConfig, extra: dic
     if jax.process_index() == 0:  # an earlier, interrupted save here must not look complete
         for marker in (directory / manifest.MANIFEST, directory / MODEL_FILE):
             marker.unlink(missing_ok=True)
+        manifest.remove_parts(directory)
     distributed.barrier("save_params_start")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / PARAMS_DIR, params, force=True)

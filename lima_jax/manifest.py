@@ -87,15 +87,19 @@ def write_manifest(folder: PathLike, shard: Shard = Shard()) -> None:
         _write(folder / _PART.format(index=shard.index, count=shard.count), files)
 
 
-def merge_parts(folder: PathLike) -> None:
-    """Host 0, after every process wrote its part: one `lima_manifest.json`, the parts removed."""
+def merge_parts(folder: PathLike, count: int) -> None:
+    """Host 0, after each of `count` processes wrote its part: one `lima_manifest.json`, then every part file
+    removed (also ones left by an earlier attempt with another process count, which are not merged)."""
     folder = as_path(folder)
-    parts = sorted(folder.glob(_PART_GLOB))
     files: dict[str, dict] = {}
-    for part in parts:
-        files.update(json.loads(part.read_text())["files"])
+    for index in range(count):
+        files.update(json.loads((folder / _PART.format(index=index, count=count)).read_text())["files"])
     _write(folder / MANIFEST, files)
-    for part in parts:
+    remove_parts(folder)
+
+
+def remove_parts(folder: PathLike) -> None:
+    for part in as_path(folder).glob(_PART_GLOB):
         part.unlink()
 
 

@@ -80,7 +80,7 @@ class RunDir:
         return self.checkpoints / str(step)
 
     def snapshot(self, epoch: int) -> epath.Path:
-        return self.snapshots / f"epoch_{epoch:03d}"
+        return self.snapshots / f"{SNAPSHOT_PREFIX}{epoch:03d}"
 
     def is_run(self) -> bool:
         return self.checkpoints.is_dir()
@@ -107,16 +107,19 @@ def epoch_checkpoints(workdir: PathLike) -> dict[int, EpochCheckpoint]:
     checkpoints = TrainCheckpoints(run.checkpoints)
     try:
         for step in checkpoints.all_steps():
-            meta = checkpoints.read_meta(step)
+            try:
+                meta = checkpoints.read_meta(step)
+            except Exception as e:  # a damaged step is no epoch's checkpoint; `verify` names what is wrong
+                logging.warning("%s: unreadable meta, skipped (%s)", run.step_folder(step), type(e).__name__)
+                continue
             if meta.get("end_of_epoch"):
                 found[int(meta["epoch"])] = EpochCheckpoint(step, f"{CHECKPOINTS}/{step}")
     finally:
         checkpoints.close()
-    if run.snapshots.is_dir():
-        for folder in sorted(run.snapshots.iterdir()):
-            if is_params_checkpoint(folder) and has_manifest(folder):  # sealed: the snapshot is complete
-                meta = read_params_meta(folder)
-                found[int(meta["epoch"])] = EpochCheckpoint(int(meta["step"]), f"{SNAPSHOTS}/{folder.name}")
+    for folder, _ in snapshot_folders(run):
+        if is_params_checkpoint(folder) and has_manifest(folder):  # sealed: the snapshot is complete
+            meta = read_params_meta(folder)
+            found[int(meta["epoch"])] = EpochCheckpoint(int(meta["step"]), f"{SNAPSHOTS}/{folder.name}")
     return dict(sorted(found.items()))
 
 
@@ -261,5 +264,17 @@ def checkpoint_folders(path: PathLike) -> list[epath.Path]:
     steps = sorted((p for p in run.checkpoints.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     set_aside = run.checkpoints / SET_ASIDE
     aside = sorted(p for p in set_aside.iterdir() if is_train_step_folder(p)) if set_aside.is_dir() else []
-    snapshots = sorted(p for p in run.snapshots.iterdir() if p.is_dir()) if run.snapshots.is_dir() else []
+    snapshots = [folder for folder, _ in snapshot_folders(run)]
     return steps + snapshots + aside
+
+
+SNAPSHOT_PREFIX = "epoch_"
+
+
+def snapshot_folders(run: RunDir) -> list[tuple[epath.Path, int]]:
+    """(folder, epoch) of every `snapshots/epoch_NNN` of a run, complete or not, in epoch order."""
+    if not run.snapshots.is_dir():
+        return []
+    found = [(p, int(p.name[len(SNAPSHOT_PREFIX):])) for p in run.snapshots.iterdir()
+             if p.name.startswith(SNAPSHOT_PREFIX) and p.name[len(SNAPSHOT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda item: item[1])

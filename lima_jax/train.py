@@ -5,7 +5,7 @@
         --config.init_from=/ckpt/llama-65b --config.data.train_path=... --config.tokenizer.path=...
 
 Any config field can be overridden with `--config.a.b=v`. Runs `train.num_epochs` epochs, writes a checkpoint
-at the end of every epoch (all kept) and, with `config.data.dev_path` set, the dev-set answers of the epochs in
+at the end of every epoch (every epoch kept: see train.snapshots) and, with `config.data.dev_path` set, the dev-set answers of the epochs in
 `config.dev_report.epochs`; restarted on the same workdir it resumes from the latest checkpoint. Every host of a
 pod slice runs the same command. SIGTERM / Ctrl-C while training writes a checkpoint at the next step every
 host agrees on and exits 75 (run the same command again to resume). The loop: `lima_jax.training`.

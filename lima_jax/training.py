@@ -1,7 +1,8 @@
 """The LIMA training loop: data -> steps -> metrics -> a checkpoint per epoch -> end-of-epoch hooks.
 
-Runs `train.num_epochs` epochs over the data, writes a checkpoint at the end of every epoch (all kept, since
-LIMA picks the epoch by reading dev-set answers), and resumes from the latest checkpoint in the workdir when
+Runs `train.num_epochs` epochs over the data, writes a checkpoint at the end of every epoch (every epoch is kept,
+since LIMA picks the epoch by reading dev-set answers: as a full state, or with train.snapshots="params" as a
+parameter snapshot beside the newest full state), and resumes from the latest checkpoint in the workdir when
 restarted, at the exact batch it stopped before. Every host of a pod slice runs the same loop. SIGTERM or
 SIGINT while the loop runs stops it at a step boundary every host agrees on, after a checkpoint there
 (`lima_jax.preemption`): `Preempted`, exit 75, and the same command resumes exactly.
@@ -9,6 +10,7 @@ SIGINT while the loop runs stops it at a step boundary every host agrees on, aft
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import Any, Callable, Sequence
 
@@ -147,11 +149,15 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
             check_schedule_length(meta, total_steps, where)
             checkpoint.check_resume_matches(meta.get("model", {}), rt.model_cfg, where)
 
-        latest = choose_resume_step(checkpoints, config.train.get("resume_step", 0), check_run_matches)
+        requested = config.train.get("resume_step", 0)
+        latest = choose_resume_step(checkpoints, requested, check_run_matches)
         if latest is not None:
             where = f"{checkpoints.step_folder(latest)}"
             meta = checkpoints.read_meta(latest)
             check_run_matches(meta, where)
+            rolled_back_to = requested if requested == latest else meta.get("rolled_back_to", 0)
+            if requested == latest:
+                _set_aside_later_snapshots(run, meta)
             state, _ = checkpoints.restore(latest, abstract)
             _check_restored_finite(state, where)
             position = position_after(meta, steps_per_epoch)
@@ -159,6 +165,7 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                          meta["batches_done"])
         else:
             state, position = runtime.initial_state(config, rt, tx, state_shardings), Position()
+            rolled_back_to = 0
         _save_config(config, run)
         _log_parameter_overview(state.params, rt.model_cfg)
 
@@ -173,16 +180,18 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
             if after_epoch is not None:
                 after_epoch(EpochEnd(epoch, state, rt, writer, resumed))
 
-        def save(epoch: int, batch_index: int, step: int) -> None:
+        def save(epoch: int, batch_index: int, step: int, stopping: bool = False) -> None:
             lock.check()  # RunLocked if another run took this workdir over: it saves, not we
             with stops.saving():
                 checkpoints.save(step, state, {"epoch": epoch, "batches_done": batch_index, "step": step,
                                                "data_signature": data_signature, "total_steps": total_steps,
                                                "end_of_epoch": batch_index == steps_per_epoch,
-                                               "checksummed": True, "model": dataclasses.asdict(rt.model_cfg)})
+                                               "checksummed": True, "rolled_back_to": rolled_back_to,
+                                               "model": dataclasses.asdict(rt.model_cfg)})
                 if batch_index == steps_per_epoch:
                     keep_epoch(config, run, rt.model_cfg, state.params, epoch, step)
-                prune_full_states(config, run, checkpoints, step)
+                if not stopping:  # a preempted job has seconds left: the next run's first save prunes
+                    prune_full_states(config, run, checkpoints, step)
             agreement.saved()
 
         # SIGTERM / SIGINT from here on: stop at a step boundary all hosts agree on, save there, exit 75.
@@ -219,7 +228,7 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                         decision = agreement.after_step(step)
                         every = config.train.checkpoint_every_steps
                         if end_of_epoch or (every and step % every == 0) or decision.checkpoint_due or decision.stop:
-                            save(epoch, batch_index, step)
+                            save(epoch, batch_index, step, stopping=decision.stop)
                             if end_of_epoch:
                                 logging.info("epoch %d done: checkpoint %s/%d", epoch, checkpoints.directory, step)
                             if decision.stop:
@@ -270,6 +279,8 @@ def prune_full_states(config: ml_collections.ConfigDict, run: RunDir, checkpoint
                         checkpoint.describe_problems(checkpoints.step_folder(newest), problems))
         return
     removable = [step for step in older if not _needed_for_choosing(run, checkpoints, step)]
+    # every host deletes the same steps (orbax's delete syncs them): host 0's list, read from files it owns
+    removable = json.loads(distributed.main_process_text("prune", json.dumps(removable)))
     for step in removable:
         checkpoints.delete(step)
     if removable:
@@ -278,10 +289,18 @@ def prune_full_states(config: ml_collections.ConfigDict, run: RunDir, checkpoint
 
 
 def _needed_for_choosing(run: RunDir, checkpoints: checkpoint.TrainCheckpoints, step: int) -> bool:
-    marker = rundir.read_chosen_epoch(run.root)
+    try:
+        marker = rundir.read_chosen_epoch(run.root)
+    except CheckpointError as e:  # a malformed marker: keep what it might name
+        logging.warning("%s; keeping checkpoint %s", e, checkpoints.step_folder(step))
+        return True
     if marker is not None and marker["checkpoint"] == f"{rundir.CHECKPOINTS}/{step}":
         return True
-    meta = checkpoints.read_meta(step)
+    try:
+        meta = checkpoints.read_meta(step)
+    except Exception:  # an unreadable step (e.g. a deletion cut short) is no epoch's copy
+        logging.warning("checkpoint %s: unreadable meta; removing it", checkpoints.step_folder(step))
+        return False
     return bool(meta.get("end_of_epoch")) and not manifest.has_manifest(run.snapshot(int(meta["epoch"])))
 
 
@@ -319,6 +338,10 @@ def choose_resume_step(checkpoints: checkpoint.TrainCheckpoints, requested: int,
         newest_meta = None
     if newest_meta is not None:
         check_run_matches(newest_meta, str(checkpoints.step_folder(steps[-1])))
+    if requested and newest_meta is not None and newest_meta.get("rolled_back_to") == requested:
+        logging.info("--%s=%d: already resumed from it (the newer checkpoints were written after that); resuming "
+                     "from the newest", flag, requested)
+        requested = 0
     if requested:
         _require_intact(checkpoints, requested, [])
         for later in (s for s in steps if s > requested):
@@ -336,6 +359,27 @@ def choose_resume_step(checkpoints: checkpoint.TrainCheckpoints, requested: int,
                 "then restart.")
         _set_aside(checkpoints, step, "its save did not finish (no manifest): the run stopped while writing it")
     return None
+
+
+def _set_aside_later_snapshots(run: RunDir, meta: dict) -> None:
+    """After a rollback to `meta`'s checkpoint: the snapshots of later epochs (and of its own epoch when it is
+    mid-epoch) come from the abandoned steps; they move to `snapshots/set_aside/` (kept) so that choosing,
+    generating and exporting never take them, and the resumed run writes its own."""
+    epoch, complete = int(meta["epoch"]), bool(meta.get("end_of_epoch"))
+    stale = [folder for folder, snap_epoch in rundir.snapshot_folders(run)
+             if snap_epoch > epoch or (snap_epoch == epoch and not complete)]
+    if jax.process_index() == 0:
+        for folder in stale:
+            target = run.snapshots / checkpoint.SET_ASIDE / folder.name
+            suffix = 1
+            while target.exists():
+                suffix += 1
+                target = run.snapshots / checkpoint.SET_ASIDE / f"{folder.name}.{suffix}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            folder.rename(target)
+            logging.warning("snapshot %s is from the steps after the checkpoint resumed from: moved to %s (kept)",
+                            folder, target)
+    distributed.barrier("snapshots_set_aside")
 
 
 def _save_was_checksummed(checkpoints: checkpoint.TrainCheckpoints, step: int) -> bool:
@@ -362,7 +406,8 @@ def _require_intact(checkpoints: checkpoint.TrainCheckpoints, step: int, older: 
     advice = (f"The newest intact checkpoint is {checkpoints.step_folder(intact)}: restart with "
               f"--config.train.resume_step={intact} to resume from it (the newer ones are then moved to "
               f"{checkpoints.directory / checkpoint.SET_ASIDE}, kept)." if intact is not None else
-              "No older checkpoint is intact: start again in a new workdir.")
+              "No older checkpoint is intact: start a new workdir, with --config.init_from=<a snapshot of this "
+              "run, snapshots/epoch_NNN> to continue from its weights (the optimizer state starts afresh).")
     raise CheckpointError(f"{folder}: corrupt checkpoint, not resumed from: "
                           f"{checkpoint.describe_problems(folder, problems)}. {advice}")
 
@@ -396,7 +441,10 @@ def _check_finite(metrics: dict[str, float], epoch: int, step: int, checkpoints:
 def _save_config(config: ml_collections.ConfigDict, run: RunDir) -> None:
     """The run's full config as `config.json` (host 0), beside the checkpoints it produced."""
     if jax.process_index() == 0:
-        atomic_write_text(run.config, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        saved = config.copy_and_resolve_references()
+        if "resume_step" in saved.train:
+            saved.train.resume_step = 0  # a one-time choice: rerunning from config.json must not roll back again
+        atomic_write_text(run.config, saved.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
 def _log_parameter_overview(params: Any, model_cfg: ModelConfig) -> None:

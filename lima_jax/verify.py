@@ -8,7 +8,8 @@
 Each checkpoint is re-read in full and compared with its `lima_manifest.json` (size and CRC-32 of every file).
 Prints one line per checkpoint: `ok`, `CORRUPT` (with the files and what is wrong), or `UNVERIFIED` (no manifest:
 written before lima_jax recorded checksums, or a save that did not finish). Exit status 0 when every checkpoint
-is intact, 1 when any is corrupt or unverified, 2 for a path that holds no checkpoint.
+is intact, 1 when any is corrupt, unverified or (with --adopt) unreadable, 2 for a path that holds no
+checkpoint.
 
 `--adopt` writes a manifest for each UNVERIFIED checkpoint whose metadata orbax can read, recording its files
 as they are now: adopt only checkpoints you trust (training still checks the values for NaN when it restores).
@@ -19,6 +20,7 @@ import time
 
 from lima_jax import cli, manifest, rundir
 from lima_jax.checkpoint import check_readable, describe_problems, verify_folder
+from lima_jax.errors import CheckpointError
 
 
 def build_parser():
@@ -36,7 +38,12 @@ def main(argv: list[str]) -> int:
         tic = time.perf_counter()
         if not manifest.has_manifest(folder):
             if args.adopt:
-                check_readable(folder)
+                try:
+                    check_readable(folder)
+                except CheckpointError as e:  # report it and go on with the others
+                    failed += 1
+                    print(f"UNREADABLE  {e}")
+                    continue
                 manifest.write_manifest(folder)
                 print(f"adopted     {folder}: checksums recorded ({time.perf_counter() - tic:.2f} s)")
                 continue

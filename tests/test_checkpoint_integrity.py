@@ -97,10 +97,13 @@ def test_manifest_names_a_flipped_bit_a_truncation_and_a_missing_file(tmp_path):
 def test_manifest_parts_of_several_processes_cover_every_file_once(tmp_path):
     for i in range(7):
         (tmp_path / f"f{i}").write_bytes(bytes([i]) * (i + 1))
+    manifest.write_manifest(tmp_path, manifest.Shard(0, 2))  # left by an earlier attempt on 2 processes
+    (tmp_path / "f0").write_bytes(b"changed since")
     for index in range(3):
         manifest.write_manifest(tmp_path, manifest.Shard(index, 3))
-    assert len(list(tmp_path.glob("lima_manifest.part-*"))) == 3
-    manifest.merge_parts(tmp_path)
+    assert len(list(tmp_path.glob("lima_manifest.part-*"))) == 4
+    manifest.merge_parts(tmp_path, 3)
+    assert manifest.verify(tmp_path) == []  # the stale part was not merged
     assert not list(tmp_path.glob("lima_manifest.part-*"))
     assert sorted(manifest.read_manifest(tmp_path)) == [f"f{i}" for i in range(7)]
     flip_bit(tmp_path / "f4", 0)
@@ -154,6 +157,11 @@ def test_resume_step_resumes_from_the_intact_checkpoint_and_keeps_the_corrupt_on
     assert "is newer than --config.train.resume_step=6" in caplog.text and str(kept) in caplog.text
     assert manifest.verify(run / "checkpoints" / "12") == []  # rewritten by the resumed run
     assert rundir.checkpoint_folders(run)[-1] == kept
+    # The flag applies once: the same command again (a preemption restart) must not roll back a second time.
+    assert json.loads((run / "config.json").read_text())["train"]["resume_step"] == 0
+    train(toy_config(run, resume_step=6))
+    assert steps(run) == [6, 12, 18]
+    assert sorted(p.name for p in (run / "checkpoints" / "set_aside").iterdir()) == ["12"]
 
 
 def test_truncated_and_missing_files_are_named_without_an_orbax_traceback(run):
