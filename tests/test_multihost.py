@@ -97,12 +97,13 @@ def _run_two(workdir, stop_after_epoch: int) -> list[list[float]]:
     return [results[0], results[1]]
 
 
-def _single_process_losses(toy_config, epochs: int) -> list[float]:
-    """The same training in this process (8 devices), recording the loss of every step."""
+def _single_process_losses(toy_config, epochs: int, mesh: dict | None = None) -> list[float]:
+    """The same training in this process (8 devices; data parallel unless `mesh`), recording the loss of every
+    step it runs."""
     from lima_jax import training
     from lima_jax.metrics import MetricsWriter
     toy_config.train.num_epochs = epochs
-    toy_config.mesh.update(data=-1, fsdp=1, tensor=1, layout="data")
+    toy_config.mesh.update(**(mesh or dict(data=-1, fsdp=1, tensor=1, layout="data")))
     losses = []
     original = MetricsWriter.write
 
@@ -134,6 +135,25 @@ def test_two_processes_train_checkpoint_restore_and_agree(toy_config, tmp_path):
     reference = _single_process_losses(toy_config, epochs=2)
     print(f"two processes: {first[0] + second[0]}\none process: {reference}")
     np.testing.assert_allclose(first[0] + second[0], reference, rtol=RTOL)
+
+
+@pytest.mark.slow
+def test_a_run_saved_on_two_processes_resumes_on_one_with_another_mesh(toy_config, tmp_path):
+    """Saved by 2 processes (data parallel over 8 devices, 8 rows per step), resumed by 1 process on a 2x2x2
+    fsdp_tp mesh (4 batch shards, so packing plans 4 rows per step): the data position carries over exactly
+    (the global batch order does not depend on hosts or rows) and the losses equal one uninterrupted process."""
+    from lima_jax.config import load_config_file
+    workdir = tmp_path / "two_then_one"
+    first = _run_two(workdir, stop_after_epoch=1)
+    assert len(first[0]) == 6
+    resumed_config = load_config_file(REPO / "configs" / "toy.py")
+    resumed_config.workdir = str(workdir)
+    resumed = _single_process_losses(resumed_config, epochs=2, mesh=dict(data=2, fsdp=2, tensor=2, layout="fsdp_tp"))
+    assert len(resumed) == 6
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    reference = _single_process_losses(toy_config, epochs=2)
+    np.testing.assert_allclose(first[0] + resumed, reference, rtol=RTOL)
 
 
 def test_unreachable_coordinator_fails_with_a_clear_error(tmp_path):
