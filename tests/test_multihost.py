@@ -179,13 +179,14 @@ def test_incomplete_distributed_flags_are_rejected():
 @pytest.mark.slow
 def test_local_launcher_runs_two_processes_that_agree(tmp_path):
     """launch/local.sh 2 -- toy training, 1 epoch: both processes exit 0, each has its log, host 0's metrics
-    have every step once, and the epoch's checkpoint (written by both processes together) is complete."""
+    have every step once, and the epoch's checkpoint (written by both processes together) is complete; its dev
+    report and `generate` on 2 processes answer as 1 process does."""
     workdir, logs = tmp_path / "run", tmp_path / "logs"
     env = _env()
     env["PYTHON"] = sys.executable
     proc = subprocess.run([str(REPO / "launch" / "local.sh"), "--logs", str(logs), "--devices-per-process", "2",
                            "2", "--", "--config", "configs/toy.py", f"--config.workdir={workdir}",
-                           "--config.train.num_epochs=1"],
+                           "--config.train.num_epochs=1", "--config.dev_report.epochs=(1,)"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     logs_text = {i: (logs / f"process-{i}.log").read_text() for i in (0, 1)}
     assert proc.returncode == 0, proc.stderr + logs_text[0][-2000:] + logs_text[1][-2000:]
@@ -196,3 +197,33 @@ def test_local_launcher_runs_two_processes_that_agree(tmp_path):
     assert [r["step"] for r in records] == list(range(1, 7))  # 48 examples / batch 8, from host 0 only
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [6]
+
+    # The dev report of epoch 1 (LIMA sampling, decoded by both processes) and `generate` on 2 processes give
+    # the answers of 1 process; only host 0 writes them.
+    one = tmp_path / "one"
+    single = subprocess.run([sys.executable, "-m", "lima_jax.train", "--config", "configs/toy.py",
+                             f"--config.workdir={one}", "--config.train.num_epochs=1",
+                             "--config.dev_report.epochs=(1,)"],
+                            cwd=REPO, env={**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert single.returncode == 0, single.stderr[-3000:]
+    answers = [(workdir if run == "two" else one) / "dev_reports" / "epoch_001.jsonl" for run in ("two", "one")]
+    assert answers[0].read_text() == answers[1].read_text() and answers[0].read_text().count("\n") == 6
+    sampling = ["--temperature", "1.0", "--top_p", "1.0", "--seed", "3", "--max_new_tokens", "24"]
+    two_out, one_out = tmp_path / "two.jsonl", tmp_path / "one.jsonl"
+    port = _free_port()
+    generators = [subprocess.Popen(
+        [sys.executable, "-m", "lima_jax.generate", "--checkpoint", str(workdir), "--prompts", "data/toy_dev.jsonl",
+         "--out", str(two_out), *sampling, "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+         "--process_id", str(i), "--cpu_collectives", "gloo"],
+        cwd=REPO, env={**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    outputs = [g.communicate(timeout=TIMEOUT_S)[0] for g in generators]
+    assert [g.returncode for g in generators] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert f"wrote 6 answers to {two_out}" in outputs[0] and "wrote" not in outputs[1]
+    single = subprocess.run([sys.executable, "-m", "lima_jax.generate", "--checkpoint", str(workdir), "--prompts",
+                             "data/toy_dev.jsonl", "--out", str(one_out), *sampling], cwd=REPO,
+                            env={**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert two_out.read_text() == one_out.read_text()
