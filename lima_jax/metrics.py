@@ -4,9 +4,14 @@ event files (`workdir/tensorboard`, via tensorboardX: no TensorFlow needed) and 
 
 A gs:// workdir: tensorboardX writes its event files there itself (google-cloud-storage, a dependency of
 gcsfs), re-uploading the file at each flush; metrics.jsonl, as object stores cannot append, is kept in
-memory and re-uploaded whole at each logged step (one object write per step, never half a file)."""
+memory and re-uploaded whole at each logged step (one object write per step, never half a file).
+
+Goodput (`Goodput`, `workdir/goodput.json`): where each run's wall time went (productive steps, start-up and
+compile, checkpoint saves, end-of-epoch hooks) and the step time an interrupted run spent after its last
+checkpoint, which the next run redoes; per run and summed over every restart of the workdir."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -33,15 +38,17 @@ class MetricsWriter:
         self.total_steps = total_steps
         self.start_time = time.time()
         self.start_step: int | None = None
+        self.redone_steps, self.redone_s = 0, 0.0
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
         run.root.mkdir(parents=True, exist_ok=True)
         path = run.metrics
         dropped = _drop_records_after(path, resumed_at)
+        self.redone_steps, self.redone_s = len(dropped), sum(_step_seconds(r) for r in dropped)
         if dropped:
-            logging.info("%s: dropped %d records after step %d, logged by the interrupted run", path, dropped,
-                         resumed_at)
+            logging.info("%s: dropped %d records after step %d, logged by the interrupted run (%.1f s of steps to "
+                         "redo)", path, len(dropped), resumed_at, self.redone_s)
         self.tensorboard = SummaryWriter(logdir=str(run.tensorboard), purge_step=resumed_at + 1)
         self.jsonl = _ObjectJsonl(path) if is_remote(path) else path.open("a", encoding="utf-8")
 
@@ -96,13 +103,13 @@ class _ObjectJsonl:
         pass
 
 
-def _drop_records_after(path: epath.Path, step: int) -> int:
-    """Rewrites `path` (atomically) without the records whose step is after `step`; how many went."""
+def _drop_records_after(path: epath.Path, step: int) -> list[dict]:
+    """Rewrites `path` (atomically) without the records whose step is after `step`; the records that went."""
     if not path.exists():
-        return 0
+        return []
     text = path.read_text(encoding="utf-8")
     lines = text.splitlines(keepends=True)
-    kept = []
+    kept, dropped = [], []
     for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
@@ -112,9 +119,84 @@ def _drop_records_after(path: epath.Path, step: int) -> int:
             raise ValueError(f"{path}:{number}: not a JSON metrics record ({e})") from e
         if record.get("step", 0) <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
+        else:
+            dropped.append(record)
     if "".join(kept) != text:
         atomic_write_text(path, "".join(kept))
-    return len(lines) - len(kept)
+    return dropped
+
+
+def _step_seconds(record: dict) -> float:
+    """A logged step's duration: `step_s`, or (records of older runs) tokens / tokens_per_s."""
+    if isinstance(record.get("step_s"), (int, float)):
+        return float(record["step_s"])
+    rate = record.get("tokens_per_s")
+    return float(record.get("tokens", 0)) / rate if isinstance(rate, (int, float)) and rate > 0 else 0.0
+
+
+@dataclasses.dataclass
+class Goodput:
+    """Where one run's wall time goes. Productive: the optimizer steps after the run's first (whose time, with
+    the compilation in it, counts as start-up, like loading, restoring and compiling before it). Lost: start-up,
+    checkpoint saves, end-of-epoch hooks (dev reports), and `redone_s`, the step time an interrupted earlier run
+    spent after its last checkpoint. `earlier` holds the records of the workdir's earlier runs."""
+
+    started: float = dataclasses.field(default_factory=time.time)
+    steps: int = 0
+    steps_s: float = 0.0
+    checkpoint_s: float = 0.0
+    hooks_s: float = 0.0
+    redone_steps: int = 0
+    redone_s: float = 0.0
+    earlier: list = dataclasses.field(default_factory=list)
+
+    def step(self, seconds: float) -> None:
+        self.steps += 1
+        if self.steps > 1:
+            self.steps_s += seconds
+
+    def record(self) -> dict:
+        """This run so far, as stored in goodput.json."""
+        wall = time.time() - self.started
+        return {"started": self.started, "wall_s": wall, "productive_s": self.steps_s,
+                "startup_and_compile_s": max(wall - self.steps_s - self.checkpoint_s - self.hooks_s, 0.0),
+                "checkpoint_s": self.checkpoint_s, "hooks_s": self.hooks_s, "steps": self.steps,
+                "redone_steps": self.redone_steps, "redone_s": self.redone_s}
+
+    def totals(self) -> dict:
+        """Every run of the workdir so far, summed; `goodput` = productive / (wall + redone)."""
+        runs = [*self.earlier, self.record()]
+        total = {key: sum(r.get(key, 0) for r in runs) for key in
+                 ("wall_s", "productive_s", "startup_and_compile_s", "checkpoint_s", "hooks_s", "redone_s")}
+        total["runs"] = len(runs)
+        total["goodput"] = total["productive_s"] / max(total["wall_s"] + total["redone_s"], 1e-9)
+        return total
+
+    def save(self, path: epath.Path) -> None:
+        """Host 0: goodput.json = the earlier runs, this one, and the totals."""
+        if jax.process_index() == 0:
+            atomic_write_text(path, json.dumps({"runs": [*self.earlier, self.record()], "total": self.totals()},
+                                               indent=1) + "\n")
+
+    def after_earlier_runs(self, path: epath.Path, redone_steps: int, redone_s: float) -> None:
+        """Continues the accounting of the runs `path` records (none if absent or unreadable); this run redoes
+        `redone_steps` steps that took `redone_s` in the interrupted run."""
+        self.redone_steps, self.redone_s = redone_steps, redone_s
+        if not path.exists():
+            return
+        try:
+            self.earlier = list(json.loads(path.read_text(encoding="utf-8"))["runs"])
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            logging.warning("%s: unreadable (%s): goodput counts from this run on", path, e)
+
+    def summary(self) -> str:
+        run, total = self.record(), self.totals()
+        lost = (f"start-up and compile {run['startup_and_compile_s']:.1f} s, checkpoints {run['checkpoint_s']:.1f} "
+                f"s, dev reports {run['hooks_s']:.1f} s, redone {run['redone_s']:.1f} s ({run['redone_steps']} steps)")
+        return (f"goodput: this run {run['productive_s'] / max(run['wall_s'] + run['redone_s'], 1e-9):.1%} "
+                f"({run['productive_s']:.1f} s of steps in {run['wall_s']:.1f} s; lost: {lost}); all "
+                f"{total['runs']} run(s) of this workdir {total['goodput']:.1%} ({total['productive_s']:.1f} s of "
+                f"{total['wall_s'] + total['redone_s']:.1f} s)")
 
 
 def _plain(value):

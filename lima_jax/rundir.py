@@ -9,6 +9,7 @@ checkpoint a tool uses.
     snapshots/epoch_NNN/   with train.snapshots="params": each epoch's parameters (model.json + params/), for
                            choosing by hand; the full state is then kept only in the newest checkpoints/<step>
     metrics.jsonl          one JSON object per logged step
+    goodput.json           where each run's time went (productive steps vs start-up, saves, hooks, redone)
     tensorboard/           TensorBoard event files
     dev_reports/epoch_NNN.jsonl   dev-set answers per epoch
     dev_report.html / .md  the answers of all epochs side by side
@@ -39,6 +40,7 @@ LOCK = "run.lock"
 CHECKPOINTS = "checkpoints"
 SNAPSHOTS = "snapshots"
 METRICS = "metrics.jsonl"
+GOODPUT = "goodput.json"
 TENSORBOARD = "tensorboard"
 DEV_REPORTS = "dev_reports"
 DEV_REPORT_HTML = "dev_report.html"
@@ -66,6 +68,7 @@ class RunDir:
     checkpoints = _entry(CHECKPOINTS)
     snapshots = _entry(SNAPSHOTS)
     metrics = _entry(METRICS)
+    goodput = _entry(GOODPUT)
     tensorboard = _entry(TENSORBOARD)
     dev_reports = _entry(DEV_REPORTS)
     dev_report_html = _entry(DEV_REPORT_HTML)

@@ -22,7 +22,7 @@ from absl import logging
 from lima_jax import checkpoint, data, distributed, manifest, preemption, rundir, runlock, runtime, sharding
 from lima_jax.config import ModelConfig, packing_mode, validate
 from lima_jax.errors import CheckpointError, ConfigError, Preempted, TrainingDiverged
-from lima_jax.metrics import MetricsWriter
+from lima_jax.metrics import Goodput, MetricsWriter
 from lima_jax.optim import learning_rate_schedule, make_optimizer
 from lima_jax.paths import atomic_write_text
 from lima_jax.rundir import RunDir
@@ -121,6 +121,7 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                         lock: runlock.RunLock) -> dict:
     """`train` with the run lock held: `lock.check()` before every checkpoint save. Raises Preempted after the
     checkpoint of the step where the hosts agreed to stop (a signal, JAX's preemption notice)."""
+    goodput = Goodput()  # from here: setup, restore and compile count as start-up
     # Check everything cheap before compiling: config, tokenizer, mesh, init_from, data.
     ready = setup(config)
     rt, examples = ready.rt, ready.report.examples
@@ -174,14 +175,18 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
         block, num_blocks = sharding.process_batch_block(batch_sharding, batch_shape)
         step_fn = jit_train_step(model, config, schedule, state_shardings, batch_sharding)
         writer = MetricsWriter(run, total_steps, resumed_at=int(state.step) if latest is not None else 0)
+        goodput.after_earlier_runs(run.goodput, writer.redone_steps, writer.redone_s)
         last_metrics: dict = {}
 
         def epoch_done(epoch: int, resumed: bool = False) -> None:
             if after_epoch is not None:
+                tic = time.perf_counter()
                 after_epoch(EpochEnd(epoch, state, rt, writer, resumed))
+                goodput.hooks_s += time.perf_counter() - tic
 
         def save(epoch: int, batch_index: int, step: int, stopping: bool = False) -> None:
             lock.check()  # RunLocked if another run took this workdir over: it saves, not we
+            tic = time.perf_counter()
             with stops.saving():
                 checkpoints.save(step, state, {"epoch": epoch, "batches_done": batch_index, "step": step,
                                                "data_signature": data_signature, "total_steps": total_steps,
@@ -192,6 +197,8 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                     keep_epoch(config, run, rt.model_cfg, state.params, epoch, step)
                 if not stopping:  # a preempted job has seconds left: the next run's first save prunes
                     prune_full_states(config, run, checkpoints, step)
+            goodput.checkpoint_s += time.perf_counter() - tic
+            goodput.save(run.goodput)
             agreement.saved()
 
         # SIGTERM / SIGINT from here on: stop at a step boundary all hosts agree on, save there, exit 75.
@@ -218,7 +225,10 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                         step = int(state.step)
                         _check_finite(metrics, epoch, step, checkpoints, resumed_from=latest)
-                        metrics.update(epoch=epoch, tokens_per_s=metrics["tokens"] / (time.perf_counter() - tic))
+                        step_s = time.perf_counter() - tic
+                        goodput.step(step_s)
+                        metrics.update(epoch=epoch, step_s=step_s, tokens_per_s=metrics["tokens"] / step_s,
+                                       goodput=goodput.totals()["goodput"])
                         last_metrics = metrics
                         end_of_epoch = batch_index == steps_per_epoch
                         if step % config.train.log_every == 0 or end_of_epoch:
@@ -241,6 +251,9 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
             finally:
                 writer.close()
                 checkpoints.close()
+                goodput.save(run.goodput)
+                if distributed.is_main_process():
+                    logging.info("%s", goodput.summary())
     distributed.barrier("train_done")
     return last_metrics
 
