@@ -77,12 +77,13 @@ def _say(text: str) -> None:
 
 
 @contextlib.contextmanager
-def catch_stop_signals() -> Iterator[StopRequests]:
+def catch_stop_signals(requests: StopRequests | None = None) -> Iterator[StopRequests]:
     """Installs `StopRequests.handle` for SIGTERM and SIGINT while the block runs, then restores the previous
     handlers (a handler installed outside Python, such as jax.distributed's SIGTERM notifier, which Python
-    reports as the default, comes back as the default). Outside the main thread (where Python cannot install
-    handlers) nothing is installed and the requests never fire."""
-    requests = StopRequests()
+    reports as the default, comes back as the default). `requests`: go on from those recorded before the loop
+    (`record_sigterm_early`). Outside the main thread (where Python cannot install handlers) nothing is
+    installed and the requests never fire."""
+    requests = StopRequests() if requests is None else requests
     if threading.current_thread() is not threading.main_thread():
         logging.warning("not the main thread: SIGTERM / SIGINT stop training without a checkpoint")
         yield requests
@@ -93,6 +94,25 @@ def catch_stop_signals() -> Iterator[StopRequests]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+@contextlib.contextmanager
+def record_sigterm_early() -> Iterator[StopRequests]:
+    """Before the loop (setup, restore, compile), a SIGTERM that would kill the process at once (leaving the run
+    lock behind) is recorded instead; hand the requests to `catch_stop_signals`, and the loop stops after its
+    first step with a checkpoint and exit 75. Only where Python's handler is the default: with
+    jax.distributed, JAX's own notifier catches SIGTERM and reaches the loop as its preemption notice. SIGINT
+    keeps its default (Ctrl-C during setup stops at once: nothing to save yet)."""
+    requests = StopRequests()
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        yield requests
+        return
+    signal.signal(signal.SIGTERM, requests.handle)
+    try:
+        yield requests
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @dataclasses.dataclass(frozen=True)

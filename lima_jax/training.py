@@ -113,12 +113,12 @@ def train(config: ml_collections.ConfigDict, after_epoch: EpochHook | None = Non
     epoch's checkpoint is written (e.g. the dev-set report). Holds the workdir's run lock throughout: while
     another live run holds it, RunLocked right after the config is validated, before any other work."""
     validate(config)
-    with runlock.hold(RunDir.at(config.workdir), config) as lock:
-        return _train_holding_lock(config, after_epoch, lock)
+    with runlock.hold(RunDir.at(config.workdir), config) as lock, preemption.record_sigterm_early() as early:
+        return _train_holding_lock(config, after_epoch, lock, early)
 
 
 def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHook | None,
-                        lock: runlock.RunLock) -> dict:
+                        lock: runlock.RunLock, early_stops: preemption.StopRequests | None = None) -> dict:
     """`train` with the run lock held: `lock.check()` before every checkpoint save. Raises Preempted after the
     checkpoint of the step where the hosts agreed to stop (a signal, JAX's preemption notice)."""
     goodput = Goodput()  # from here: setup, restore and compile count as start-up
@@ -202,7 +202,7 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
             agreement.saved()
 
         # SIGTERM / SIGINT from here on: stop at a step boundary all hosts agree on, save there, exit 75.
-        with preemption.catch_stop_signals() as stops:
+        with preemption.catch_stop_signals(early_stops) as stops:  # incl. a SIGTERM during setup
             agreement = preemption.StepAgreement(stops, config.train.get("checkpoint_every_minutes", 0.0))
             try:
                 if latest is not None and position.batches_done == 0:

@@ -293,3 +293,25 @@ def test_time_based_checkpoints_and_a_signal_during_the_end_of_epoch_hook(toy_co
     assert hooks == [1]
     assert checkpoint_steps(toy_config.workdir) == list(range(1, STEPS_PER_EPOCH + 1))
     assert signal.getsignal(signal.SIGTERM) is before  # restored
+
+
+def test_sigterm_during_setup_stops_after_the_first_step_and_releases_the_run_lock(tmp_path):
+    """Before the loop (data, model, restore, compile) a SIGTERM is recorded instead of killing the process at
+    once (which would leave the run lock behind): the loop stops after its first step, with a checkpoint there
+    and exit 75, and the lock is released, so a restart on another host need not wait for it to go stale."""
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "lima_jax.train", "--config", "configs/toy.py",
+                             f"--config.workdir={workdir}", "--config.train.num_epochs=1",
+                             "--config.dev_report.epochs=()"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + TIMEOUT_S
+    while not (workdir / "run.lock").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None and not (workdir / "metrics.jsonl").exists()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 75, output[-3000:]
+    assert "SIGTERM received: stopping at the next step boundary" in output
+    assert f"error: preempted at epoch 1 step 1: checkpoint {workdir}/checkpoints/1 written" in output
+    assert not (workdir / "run.lock").exists()
+    assert checkpoint.verify_folder(workdir / "checkpoints" / "1") == []
