@@ -41,6 +41,16 @@ MODEL_FILE = "model.json"
 SET_ASIDE = "set_aside"  # under the checkpoints folder: step folders training will not resume from, kept
 
 
+def aside_target(folder: epath.Path, name: str) -> epath.Path:
+    """`folder/name`, or `folder/name.N` with the first N not taken: where a set-aside folder goes, never
+    replacing one set aside before."""
+    target, suffix = folder / name, 1
+    while target.exists():
+        suffix += 1
+        target = folder / f"{name}.{suffix}"
+    return target
+
+
 def _this_shard() -> manifest.Shard:
     return manifest.Shard(jax.process_index(), jax.process_count())
 
@@ -137,11 +147,7 @@ class TrainCheckpoints:
     def set_aside(self, step: int) -> epath.Path:
         """Moves a step folder to `<checkpoints>/set_aside/<step>[.N]`, out of training's way but kept (host 0;
         every host calls it). The manager is reloaded so it no longer lists the step."""
-        target = self.directory / SET_ASIDE / str(step)
-        suffix = 1
-        while target.exists():
-            suffix += 1
-            target = self.directory / SET_ASIDE / f"{step}.{suffix}"
+        target = aside_target(self.directory / SET_ASIDE, str(step))
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
             self.step_folder(step).rename(target)

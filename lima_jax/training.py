@@ -280,16 +280,15 @@ def keep_epoch(config: ml_collections.ConfigDict, run: RunDir, model_cfg: ModelC
 
 def prune_full_states(config: ml_collections.ConfigDict, run: RunDir, checkpoints: checkpoint.TrainCheckpoints,
                       newest: int) -> None:
-    """With params snapshots: once the newest full state verifies, removes the older ones (their epochs live on
-    as snapshots; a resume needs only the newest). Kept: an end-of-epoch state whose epoch has no sealed
-    snapshot (written before the run switched to snapshots), and the one chosen_epoch.json points at."""
+    """With params snapshots: once the newest full state is sealed (its manifest was computed by reading back
+    every file it wrote, so a second full read would find the same bytes), removes the older ones (their
+    epochs live on as snapshots; a resume needs only the newest). Kept: an end-of-epoch state whose epoch has
+    no sealed snapshot (written before the run switched to snapshots), and the one chosen_epoch.json names."""
     older = [s for s in checkpoints.all_steps() if s < newest]
     if not keeps_params_snapshots(config) or not older:
         return
-    problems = checkpoint.verify_folder(checkpoints.step_folder(newest))
-    if problems:
-        logging.warning("not removing older checkpoints: the new one does not verify: %s",
-                        checkpoint.describe_problems(checkpoints.step_folder(newest), problems))
+    if not checkpoints.is_sealed(newest):
+        logging.warning("not removing older checkpoints: %s has no manifest", checkpoints.step_folder(newest))
         return
     removable = [step for step in older if not _needed_for_choosing(run, checkpoints, step)]
     # every host deletes the same steps (orbax's delete syncs them): host 0's list, read from files it owns
@@ -297,7 +296,7 @@ def prune_full_states(config: ml_collections.ConfigDict, run: RunDir, checkpoint
     for step in removable:
         checkpoints.delete(step)
     if removable:
-        logging.info("removed the full train states of steps %s: %s verified, and their epochs are kept as "
+        logging.info("removed the full train states of steps %s: %s is sealed, and their epochs are kept as "
                      "snapshots", removable, checkpoints.step_folder(newest))
 
 
@@ -383,11 +382,7 @@ def _set_aside_later_snapshots(run: RunDir, meta: dict) -> None:
              if snap_epoch > epoch or (snap_epoch == epoch and not complete)]
     if jax.process_index() == 0:
         for folder in stale:
-            target = run.snapshots / checkpoint.SET_ASIDE / folder.name
-            suffix = 1
-            while target.exists():
-                suffix += 1
-                target = run.snapshots / checkpoint.SET_ASIDE / f"{folder.name}.{suffix}"
+            target = checkpoint.aside_target(run.snapshots / checkpoint.SET_ASIDE, folder.name)
             target.parent.mkdir(parents=True, exist_ok=True)
             folder.rename(target)
             logging.warning("snapshot %s is from the steps after the checkpoint resumed from: moved to %s (kept)",

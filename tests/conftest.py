@@ -53,3 +53,22 @@ def train_stopping_after(config, epoch: int) -> None:
 
     with pytest.raises(StoppedAfterEpoch):
         train(config, after_epoch=stop)
+
+
+def worker_results(procs, timeout_s: float) -> dict[int, dict]:
+    """Waits for worker subprocesses (killing any left when one times out), asserts each exited 0, and returns
+    {process index: the JSON of its last `RESULT {...}` line}."""
+    import json
+    outputs = []
+    try:
+        outputs = [proc.communicate(timeout=timeout_s)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    results = {}
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+        result = json.loads([x for x in out.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
+        results[result["process"]] = result
+    return results

@@ -19,6 +19,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import worker_results
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 TIMEOUT_S = 240
@@ -79,22 +81,8 @@ def _run_two(workdir, stop_after_epoch: int) -> list[list[float]]:
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), str(port), str(workdir), str(stop_after_epoch)],
                               cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    outputs = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=TIMEOUT_S)
-            outputs.append(out)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    results = {}
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
-        line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
-        result = json.loads(line[len("RESULT "):])
-        results[result["process"]] = result["losses"]
-    return [results[0], results[1]]
+    results = worker_results(procs, TIMEOUT_S)
+    return [results[0]["losses"], results[1]["losses"]]
 
 
 def _single_process_losses(toy_config, epochs: int, mesh: dict | None = None) -> list[float]:

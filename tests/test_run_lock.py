@@ -28,6 +28,8 @@ from lima_jax.rundir import RunDir
 from lima_jax.runlock import GcsStore, LocalStore, LockRecord, RunLock, Stored
 from tests.test_multihost import _env, _free_port
 
+from tests.conftest import worker_results
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STALE_S = 600.0
 
@@ -425,18 +427,7 @@ def test_two_processes_share_one_lock_and_refuse_together(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), str(port), str(tmp_path / "free"),
                                str(tmp_path / "held")], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = []
-    try:
-        outputs = [proc.communicate(timeout=180)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    results = {}
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
-        result = json.loads([x for x in out.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
-        results[result["process"]] = result
+    results = worker_results(procs, timeout_s=180)
     assert results[0]["record"]["num_processes"] == 2 and results[0]["record"]["pid"] != holder.pid
     assert results[0]["released"] and results[1]["released"]
     assert results[0]["refused"] == results[1]["refused"]  # process 0's message, on both
