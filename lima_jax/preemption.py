@@ -14,8 +14,8 @@ decision at the same step; host 0's clock decides `train.checkpoint_every_minute
 own preemption notice (`distributed.reached_preemption_sync_point`: jax.distributed's preemption service
 catches SIGTERM until these handlers are installed, e.g. during compilation), so a host on which JAX saw the
 notice stops the others too even if JAX's sync point came a step late on it. The cost is one all-gather of a
-few int32 per step and process (about 2.4 ms with 2 CPU processes and gloo; microseconds next to a LIMA step
-of seconds on a TPU slice); a single process reads its own flag and clock and gathers nothing.
+few int32 per step and process (not benchmarked; small next to a LIMA step of seconds); a single process
+reads its own flag and clock and gathers nothing.
 """
 from __future__ import annotations
 
