@@ -113,7 +113,8 @@ def train(config: ml_collections.ConfigDict, after_epoch: EpochHook | None = Non
     epoch's checkpoint is written (e.g. the dev-set report). Holds the workdir's run lock throughout: while
     another live run holds it, RunLocked right after the config is validated, before any other work."""
     validate(config)
-    with runlock.hold(RunDir.at(config.workdir), config) as lock, preemption.record_sigterm_early() as early:
+    # The early SIGTERM handler goes in before the lock file exists: a signal that sees the lock is recorded.
+    with preemption.record_sigterm_early() as early, runlock.hold(RunDir.at(config.workdir), config) as lock:
         return _train_holding_lock(config, after_epoch, lock, early)
 
 
