@@ -34,7 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.remat_policy = "full"
 
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.path = ""  # LLaMA's sentencepiece tokenizer.model
+    c.tokenizer.path = ""  # LLaMA's tokenizer.model (or a folder, or a LLaMA-3 tokenizer.json: docs/model.md)
+    # The end-of-turn token: "new_row" (a new id after the tokenizer's, the paper's recipe) or the name of one of
+    # the tokenizer's special tokens, e.g. "<|eot_id|>" for LLaMA-3 (no vocabulary growth).
+    c.tokenizer.eot = "new_row"
 
     c.data = ml_collections.ConfigDict()
     c.data.train_path = ""  # 1,000 examples (1,030 with the dialogue chains)

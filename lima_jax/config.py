@@ -276,4 +276,9 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     _check(config, o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     _check(config, o.grad_clip_norm >= 0, "optimizer.grad_clip_norm", "must be >= 0 (0: off)")
-    _check(config, bool(config.tokenizer.path) or not paths, "tokenizer.path", "set the sentencepiece .model file")
+    _check(config, bool(config.tokenizer.path) or not paths, "tokenizer.path",
+           "set the tokenizer: a sentencepiece or tiktoken tokenizer.model, a tokenizer.json, or a folder holding one")
+    eot = config.tokenizer.get("eot", "new_row")  # absent in a config.json written before it existed: the default
+    _check(config, isinstance(eot, str) and bool(eot), "tokenizer.eot",
+           "must be \"new_row\" (a new id after the tokenizer's: the paper's recipe) or the name of one of the "
+           "tokenizer's special tokens, e.g. \"<|eot_id|>\" (docs/model.md)")

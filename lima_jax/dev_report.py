@@ -30,7 +30,7 @@ from lima_jax.generation import Generator, SamplingConfig, answer_prompts
 from lima_jax.paths import PathLike, atomic_write_text
 from lima_jax.records import check_prompts_fit, read_answers, read_prompts, write_jsonl
 from lima_jax.rundir import RunDir, read_chosen_epoch
-from lima_jax.tokenizer import Tokenizer
+from lima_jax.tokenizer import load_tokenizer
 from lima_jax.training import EpochEnd, EpochHook
 
 
@@ -149,7 +149,7 @@ def dev_report_hook(config: ml_collections.ConfigDict) -> EpochHook | None:
     if not config.data.get("dev_path"):
         return None
     prompts = read_prompts(config.data.dev_path)
-    check_prompts_fit(prompts, Tokenizer(config.tokenizer.path), config.model.max_seq_len)
+    check_prompts_fit(prompts, load_tokenizer(config), config.model.max_seq_len)
     epochs = {int(e) for e in config.dev_report.epochs}
     settings = SamplingConfig(max_new_tokens=int(config.dev_report.max_new_tokens), seed=int(config.seed))
     settings.validate()

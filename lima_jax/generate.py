@@ -19,7 +19,7 @@ from lima_jax import cli, rundir
 from lima_jax.config import validate
 from lima_jax.generation import SamplingConfig, answer_prompts, build_generator
 from lima_jax.records import STOP_REASONS, check_prompts_fit, read_prompts, write_jsonl
-from lima_jax.tokenizer import Tokenizer
+from lima_jax.tokenizer import load_tokenizer
 
 
 def build_parser():
@@ -53,7 +53,9 @@ def main(argv: list[str]) -> None:
     settings.validate()
     validate(config, paths=False)
     prompts = read_prompts(args.prompts)  # bad input fails here, before the model is loaded
-    check_prompts_fit(prompts, Tokenizer(config.tokenizer.path), config.model.max_seq_len)
+    tokenizer = load_tokenizer(config)
+    print(f"tokenizer: {tokenizer.describe()}", flush=True)
+    check_prompts_fit(prompts, tokenizer, config.model.max_seq_len)
     choice = rundir.resolve_checkpoint(args.checkpoint)
     print(f"checkpoint: {choice.describe()}", flush=True)
     generator = build_generator(config, choice, args.batch_size, not args.no_cache)

@@ -30,7 +30,7 @@ from lima_jax.config import ModelConfig, model_config
 from lima_jax.errors import CheckpointError, ConfigError
 from lima_jax.model import Llama, resize_vocab
 from lima_jax.sharding import Rules
-from lima_jax.tokenizer import Tokenizer
+from lima_jax.tokenizer import Tokenizer, load_tokenizer
 from lima_jax.train_step import TrainState
 
 
@@ -51,11 +51,12 @@ class Runtime:
 
 def build(config: ml_collections.ConfigDict) -> Runtime:
     """The Runtime of `config`, every part checked (tokenizer file, vocabulary, mesh) before any compilation."""
-    tokenizer = Tokenizer(config.tokenizer.path)
+    tokenizer = load_tokenizer(config)
+    logging.info("tokenizer: %s", tokenizer.describe())
     model_cfg = model_config(config, vocab_size=config.model.vocab_size or tokenizer.vocab_size)
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"{config.get('source_file', '<config>')}: config.model.vocab_size="
-                          f"{model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} (incl. EOT)")
+                          f"{model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} (EOT included)")
     mesh = sharding.make_mesh(config, vocab_size=model_cfg.vocab_size)
     rules = sharding.layout_rules(config, vocab_size=model_cfg.vocab_size, shape=mesh.devices.shape)
     return Runtime(tokenizer, model_cfg, mesh, rules)

@@ -20,9 +20,9 @@ PROMPTS = ["Hello there, how are you today?", "Hi", "What is the capital of Port
 
 
 def _toy(devices):
-    from lima_jax.tokenizer import Tokenizer
+    from lima_jax.tokenizer import load_tokenizer
     config = load_config_file(REPO / "configs" / "toy.py")
-    tokenizer = Tokenizer(config.tokenizer.path)
+    tokenizer = load_tokenizer(config)
     cfg = model_config(config, tokenizer.vocab_size)
     model = Llama(cfg)
     mesh, rules = sharding.make_mesh(config, devices), sharding.layout_rules(config)
