@@ -6,7 +6,8 @@ with `train.snapshots="full"` all are kept (LIMA picks the epoch by reading dev-
 the training loop keeps each epoch as a parameter snapshot and removes older full states. Orbax finalizes a
 save only when it is complete (a renamed temporary folder locally, a commit marker on object stores), so a
 crash never leaves a checkpoint that looks finished. All hosts
-call save/restore together; each writes and reads only its own shards.
+call save/restore together; each writes and reads only its own shards. `start_save` writes in the background
+(orbax async: the loop goes on once the arrays are copied off the devices); `finish_save` waits and seals.
 
 Parameter checkpoints (`save_params` / `restore_params`): a folder with `params/` (orbax) and
 `model.json` (the ModelConfig): what `lima_jax.convert` writes and `config.init_from` reads.

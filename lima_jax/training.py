@@ -3,7 +3,9 @@
 Runs `train.num_epochs` epochs over the data, writes a checkpoint at the end of every epoch (every epoch is kept,
 since LIMA picks the epoch by reading dev-set answers: as a full state, or with train.snapshots="params" as a
 parameter snapshot beside the newest full state), and resumes from the latest checkpoint in the workdir when
-restarted, at the exact batch it stopped before. Every host of a pod slice runs the same loop. SIGTERM or
+restarted, at the exact batch it stopped before. Mid-epoch checkpoints (train.checkpoint_every_steps /
+_minutes) are written in the background with train.async_checkpointing and sealed at the first step boundary
+where every host has written its part. Every host of a pod slice runs the same loop. SIGTERM or
 SIGINT while the loop runs stops it at a step boundary every host agrees on, after a checkpoint there
 (`lima_jax.preemption`): `Preempted`, exit 75, and the same command resumes exactly.
 """
