@@ -63,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.snapshots = "params"
     c.train.snapshot_dtype = "bfloat16"
     c.train.checkpoint_every_minutes = 0.0  # > 0: also a mid-epoch checkpoint once this long since the last save
+    # Mid-epoch checkpoints written in the background while training goes on (sealed once written); the
+    # end-of-epoch and preemption checkpoints are always written before the loop goes on. False: all synchronous.
+    c.train.async_checkpointing = True
     c.train.resume_step = 0  # 0: resume from the newest verified checkpoint; N: from checkpoints/N
     # The workdir's run lock (docs/training.md): heartbeat every 60 s; one older than 600 s is stale.
     c.train.lock_heartbeat_s = 60.0

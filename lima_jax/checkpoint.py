@@ -6,7 +6,8 @@ with `train.snapshots="full"` all are kept (LIMA picks the epoch by reading dev-
 the training loop keeps each epoch as a parameter snapshot and removes older full states. Orbax finalizes a
 save only when it is complete (a renamed temporary folder locally, a commit marker on object stores), so a
 crash never leaves a checkpoint that looks finished. All hosts
-call save/restore together; each writes and reads only its own shards.
+call save/restore together; each writes and reads only its own shards. `start_save` writes in the background
+(orbax async: the loop goes on once the arrays are copied off the devices); `finish_save` waits and seals.
 
 Parameter checkpoints (`save_params` / `restore_params`): a folder with `params/` (orbax) and
 `model.json` (the ModelConfig): what `lima_jax.convert` writes and `config.init_from` reads.
@@ -114,24 +115,58 @@ def is_train_step_folder(folder: PathLike) -> bool:
 
 
 class TrainCheckpoints:
-    """Per-epoch (and optionally periodic) training checkpoints under `directory`; only `delete` removes one."""
+    """Per-epoch (and optionally periodic) training checkpoints under `directory`; only `delete` removes one.
+
+    `save` writes and seals one checkpoint before it returns. `start_save` returns once orbax holds a host copy
+    of the arrays (so the caller may update or donate them) and writes them in the background; `finish_save`
+    waits for that write and seals it. At most one save is in flight (`pending_step`); a folder whose save is in
+    flight has no manifest, so nothing takes it for complete until `finish_save` sealed it."""
 
     def __init__(self, directory: PathLike):
         self.directory = as_path(directory)
         self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True),
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
+                                                                 enable_async_checkpointing=True),
             item_names=("state", "meta"))
+        self.pending_step: int | None = None
+        self._pending_since = 0.0
+        self.last_blocking_s = self.last_save_s = self.last_seal_s = 0.0
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        """Writes and seals the checkpoint of `step` (an in-flight save is finished first)."""
+        self.start_save(step, state, meta)
+        self.finish_save()
+
+    def start_save(self, step: int, state: Any, meta: dict) -> None:
+        """Starts writing the checkpoint of `step`; returns once the arrays are copied off the devices (every
+        host calls it together). An earlier save still in flight is finished and sealed first."""
+        self.finish_save()
         tic = time.perf_counter()
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)))
+        self.pending_step, self._pending_since = step, tic
+        self.last_blocking_s = time.perf_counter() - tic
+
+    def written_here(self) -> bool:
+        """Whether this host's part of the save in flight is written (True when none is): a local view, to be
+        agreed on by all hosts before anyone calls `finish_save` on its strength."""
+        return self.pending_step is None or not self.manager.is_saving_in_progress()
+
+    def finish_save(self) -> int | None:
+        """Waits for the save in flight, then seals it (every host calls it together); its step, or None when no
+        save was in flight. A save that failed raises here, unsealed."""
+        step = self.pending_step
+        if step is None:
+            return None
+        self.pending_step = None  # a failed write stays unsealed: resuming sets it aside
         self.manager.wait_until_finished()
+        self.manager.check_for_errors()
         saved = time.perf_counter()
         seal(self.step_folder(step))
-        self.last_save_s, self.last_seal_s = saved - tic, time.perf_counter() - saved
-        logging.info("checkpoint %s: written in %.2f s, checksums in %.2f s", self.step_folder(step),
-                     self.last_save_s, self.last_seal_s)
+        self.last_save_s, self.last_seal_s = saved - self._pending_since, time.perf_counter() - saved
+        logging.info("checkpoint %s: written in %.2f s (%.2f s of it blocking the loop), checksums in %.2f s",
+                     self.step_folder(step), self.last_save_s, self.last_blocking_s, self.last_seal_s)
+        return step
 
     def step_folder(self, step: int) -> epath.Path:
         return self.directory / str(step)
@@ -173,6 +208,10 @@ class TrainCheckpoints:
         return restored["meta"]
 
     def close(self) -> None:
+        """Closes the manager; a save still in flight (the loop ended by an error) is written but not sealed."""
+        if self.pending_step is not None:
+            logging.warning("checkpoint %s: the run ended while it was being written; it is left without a "
+                            "manifest, so resuming sets it aside", self.step_folder(self.pending_step))
         self.manager.close()
 
 

@@ -261,6 +261,8 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     minutes = t.get("checkpoint_every_minutes", 0.0)  # absent in a config.json written before it existed
     _check(config, _is_number(minutes) and minutes >= 0, "train.checkpoint_every_minutes",
            "must be a number >= 0 (minutes between time-based mid-epoch checkpoints; 0: off)")
+    _check(config, isinstance(t.get("async_checkpointing", True), bool), "train.async_checkpointing",
+           "must be true or false (true: mid-epoch checkpoints are written in the background while training goes on)")
     _check(config, t.get("resume_step", 0) >= 0, "train.resume_step", "must be >= 0 (0: the newest checkpoint)")
     heartbeat_s, stale_s = lock_timing(config)
     _check(config, _is_number(heartbeat_s) and heartbeat_s > 0, "train.lock_heartbeat_s",

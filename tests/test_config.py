@@ -99,3 +99,13 @@ def test_checkpoint_every_minutes_is_off_by_default_and_may_be_absent_in_an_olde
     assert c.train.checkpoint_every_minutes == 0.0
     del c.train["checkpoint_every_minutes"]  # a run's config.json written before the field existed
     validate(c)
+
+
+def test_async_checkpointing_is_on_by_default_must_be_a_bool_and_may_be_absent_in_an_older_config_json():
+    c = filled("lima_65b.py")
+    assert c.train.async_checkpointing is True
+    del c.train["async_checkpointing"]  # a run's config.json written before the field existed: on
+    validate(c)
+    c.train.async_checkpointing = "sometimes"  # e.g. a hand-edited config.json
+    with pytest.raises(ConfigError, match=r"config.train.async_checkpointing='sometimes': must be true or false"):
+        validate(c)
