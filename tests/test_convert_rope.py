@@ -161,6 +161,34 @@ def test_hf_bad_rope_config_is_named(tmp_path, rope, message):
         conversion.HuggingFaceSource(src)
 
 
+# Meta's published config.json of Llama-3.1-8B and Llama-3.2-1B (no weights needed: the config alone)
+LLAMA31_8B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+    "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "vocab_size": 128256}
+LLAMA32_1B_CONFIG = {
+    **LLAMA31_8B_CONFIG, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "head_dim": 64,
+    "rope_scaling": {**LLAMA31_8B_CONFIG["rope_scaling"], "factor": 32.0}, "tie_word_embeddings": True}
+
+
+@pytest.mark.parametrize("hf, preset", [(LLAMA31_8B_CONFIG, "llama31_8b.py"), (LLAMA32_1B_CONFIG, "llama32_1b.py")])
+def test_presets_accept_the_import_of_the_real_config(hf, preset):
+    """The LLaMA-3.x presets describe exactly what `from_hf` makes of Meta's config.json, so `config.init_from`
+    of such an import passes the architecture check (RoPE scaling included) and the context is the same."""
+    from lima_jax.config import load_config_file, model_config
+    imported, dtype = conversion.hf_config_to_model(hf, "config.json")
+    config = load_config_file(pathlib.Path(__file__).resolve().parent.parent / "configs" / preset)
+    ours = model_config(config, vocab_size=128256)
+    checkpoint.check_model_matches(dataclasses.asdict(imported), ours, "import")
+    assert (imported.max_seq_len, imported.rope_type, dtype) == (ours.max_seq_len, "llama3", "bfloat16")
+    assert imported.num_params() == ours.num_params()
+
+
 # ----------------------------------------------------------------------------------------------- Meta
 
 
