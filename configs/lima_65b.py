@@ -25,6 +25,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.hidden_dim = 22016
     c.model.norm_eps = 1e-6
     c.model.rope_theta = 10000.0
+    # RoPE scaling (LLaMA-3.1/3.2 presets): "default" none, or "llama3" with the four parameters below.
+    c.model.rope_type = "default"
+    c.model.rope_scaling_factor = None
+    c.model.rope_low_freq_factor = None
+    c.model.rope_high_freq_factor = None
+    c.model.rope_original_max_seq_len = None
     c.model.max_seq_len = 2048
     c.model.tie_embeddings = False
     # Residual dropout rises linearly from 0 at the first layer to 0.3 at the last (0.2 for smaller models).

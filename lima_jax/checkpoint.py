@@ -33,7 +33,7 @@ from absl import logging
 from etils import epath
 
 from lima_jax import distributed, manifest
-from lima_jax.config import ModelConfig
+from lima_jax.config import LLAMA3_ROPE_FIELDS, ModelConfig
 from lima_jax.errors import CheckpointError, ConfigError
 from lima_jax.paths import PathLike, as_path
 
@@ -340,7 +340,9 @@ def restore_train_params(step_dir: PathLike, abstract_params: Any = None) -> tup
 # Fields that change what the network computes; a mismatch would load fine and silently compute another
 # function (vocab_size is checked separately: a pretrained model may lack the EOT row).
 ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "tie_embeddings", "rope_theta",
-                       "norm_eps")
+                       "rope_type", *LLAMA3_ROPE_FIELDS, "norm_eps")
+# What a model.json written before the RoPE scaling fields existed means by their absence: plain RoPE.
+_ABSENT_ROPE = {"rope_type": "default", **{field: None for field in LLAMA3_ROPE_FIELDS}}
 
 
 def check_model_matches(stored: dict, model: ModelConfig, where: str, allow_smaller_vocab: bool = False) -> None:
@@ -348,6 +350,7 @@ def check_model_matches(stored: dict, model: ModelConfig, where: str, allow_smal
 
     With `allow_smaller_vocab` the checkpoint may lack rows the config has (the EOT row of a pretrained
     model, added on load by `model.resize_vocab`)."""
+    stored = {**_ABSENT_ROPE, **stored}
     for field in ARCHITECTURE_FIELDS:
         if stored[field] != getattr(model, field):
             raise ConfigError(f"{where}: checkpoint has model.{field}={stored[field]}, the config has "
@@ -367,8 +370,10 @@ RESUMABLE_MODEL_CHANGES = ("remat_policy",)
 
 def check_resume_matches(stored: dict, model: ModelConfig, where: str) -> None:
     """Raises ConfigError naming every model field where the config differs from what the run's checkpoint was
-    trained with (all of ModelConfig but `RESUMABLE_MODEL_CHANGES`); fields an older checkpoint lacks pass."""
+    trained with (all of ModelConfig but `RESUMABLE_MODEL_CHANGES`); fields an older checkpoint lacks pass, but
+    for the RoPE scaling, whose absence means plain RoPE."""
     current = dataclasses.asdict(model)
+    stored = {**_ABSENT_ROPE, **stored}
     differing = [f"model.{name}: checkpoint {stored[name]!r}, config {value!r}" for name, value in current.items()
                  if name not in RESUMABLE_MODEL_CHANGES and name in stored and stored[name] != value]
     if differing:

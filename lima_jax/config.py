@@ -33,6 +33,11 @@ LEGACY_PACKING = {False: "none", True: "rows"}
 # config.json); configs/lima_65b.py sets the same values.
 LOCK_HEARTBEAT_S = 60.0
 LOCK_STALE_S = 600.0
+# model.rope_type: "default" (plain RoPE) or "llama3" (LLaMA-3.1/3.2's frequency scaling, with the four
+# ModelConfig fields below; docs/model.md).
+ROPE_TYPES = ("default", "llama3")
+LLAMA3_ROPE_FIELDS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                      "rope_original_max_seq_len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +52,30 @@ class ModelConfig:
     hidden_dim: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # RoPE frequency scaling (`model.rope_frequencies`): "default" none; "llama3" (LLaMA-3.1/3.2) divides the
+    # frequencies whose wavelength exceeds rope_original_max_seq_len / rope_low_freq_factor by
+    # rope_scaling_factor, keeps those below rope_original_max_seq_len / rope_high_freq_factor and blends
+    # between. The four parameters are None with "default" (and in a model.json written before them).
+    rope_type: str = "default"
+    rope_scaling_factor: float | None = None
+    rope_low_freq_factor: float | None = None
+    rope_high_freq_factor: float | None = None
+    rope_original_max_seq_len: int | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     residual_dropout_max: float = 0.0
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat_policy: str = "none"
+
+    def __post_init__(self):
+        problem = rope_problem(self.rope_type, *(getattr(self, f) for f in LLAMA3_ROPE_FIELDS))
+        if problem is None and self.rope_type == "default":
+            given = [f for f in LLAMA3_ROPE_FIELDS if getattr(self, f) is not None]
+            problem = (given[0], "is only used with rope_type='llama3': None with 'default'") if given else None
+        if problem is not None:
+            field, message = problem
+            raise ConfigError(f"ModelConfig.{field}={getattr(self, field)!r}: {message}")
 
     @property
     def head_dim(self) -> int:
@@ -67,13 +90,49 @@ class ModelConfig:
         return self.vocab_size * self.dim + self.n_layers * per_layer + self.dim + head
 
 
+def rope_problem(rope_type: Any, factor: Any, low_freq_factor: Any, high_freq_factor: Any,
+                 original_max_seq_len: Any) -> tuple[str, str] | None:
+    """(ModelConfig field, what is wrong) for the first illegal RoPE setting, None when legal. With "default"
+    the four scaling parameters are not read."""
+    if rope_type not in ROPE_TYPES:
+        return "rope_type", f"must be one of {ROPE_TYPES}"
+    if rope_type == "default":
+        return None
+    if not (_is_number(factor) and factor >= 1):
+        return "rope_scaling_factor", ("must be a number >= 1 with rope_type='llama3' (LLaMA-3.1: 8, LLaMA-3.2 "
+                                       "1B/3B: 32)")
+    if not (_is_number(low_freq_factor) and low_freq_factor > 0):
+        return "rope_low_freq_factor", "must be a number > 0 with rope_type='llama3' (LLaMA-3.1/3.2: 1)"
+    if not (_is_number(high_freq_factor) and high_freq_factor > low_freq_factor):
+        return "rope_high_freq_factor", (f"must be a number > rope_low_freq_factor={low_freq_factor!r} with "
+                                         "rope_type='llama3' (LLaMA-3.1/3.2: 4)")
+    if not (isinstance(original_max_seq_len, int) and not isinstance(original_max_seq_len, bool)
+            and original_max_seq_len > 0):
+        return "rope_original_max_seq_len", ("must be a positive int with rope_type='llama3': the context of "
+                                             "pretraining before the scaling (LLaMA-3: 8192)")
+    return None
+
+
+def _rope_fields(m: ml_collections.ConfigDict) -> dict[str, Any]:
+    """ModelConfig's RoPE scaling fields of `config.model`: the four parameters only with "llama3" (None with
+    "default", whatever the config holds, so an override --config.model.rope_type=default suffices); "default"
+    for a config.json written before the fields existed."""
+    rope_type = m.get("rope_type", "default")
+    if rope_type == "default":
+        return {"rope_type": rope_type}
+    values = {f: m.get(f) for f in LLAMA3_ROPE_FIELDS}
+    for f in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+        values[f] = float(values[f]) if _is_number(values[f]) else values[f]
+    return {"rope_type": rope_type, **values}
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
     """Typed model config from `config.model`; `vocab_size` overrides (tokenizer size incl. EOT)."""
     m = config.model
     return ModelConfig(
         vocab_size=int(vocab_size if vocab_size is not None else m.vocab_size),
         dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
-        hidden_dim=m.hidden_dim, norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+        hidden_dim=m.hidden_dim, norm_eps=m.norm_eps, rope_theta=m.rope_theta, **_rope_fields(m),
         max_seq_len=m.max_seq_len, tie_embeddings=m.tie_embeddings,
         residual_dropout_max=m.residual_dropout_max, param_dtype=m.param_dtype,
         compute_dtype=m.compute_dtype, remat_policy=m.remat_policy)
@@ -229,6 +288,9 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", f"must divide n_heads={m.n_heads}")
     _check(config, 0.0 <= m.residual_dropout_max < 1.0, "model.residual_dropout_max", "must be in [0, 1)")
     _check(config, m.rope_theta > 0, "model.rope_theta", "must be positive")
+    rope = rope_problem(m.get("rope_type", "default"), *(m.get(f) for f in LLAMA3_ROPE_FIELDS))
+    if rope is not None:
+        _check(config, False, f"model.{rope[0]}", rope[1])
     _check(config, m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
     _check(config, m.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
     _check(config, m.remat_policy in REMAT_POLICIES, "model.remat_policy", f"must be one of {REMAT_POLICIES}")

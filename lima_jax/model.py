@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -44,14 +45,38 @@ def residual_dropout(x: Array, rate: Array, rng: Array | None) -> Array:
     return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
 
-def rope_frequencies(head_dim: int, theta: float) -> Array:
-    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_frequencies(head_dim: int, cfg: ModelConfig) -> Array:
+    """RoPE's inverse frequencies [head_dim / 2], float32: theta^(-2i / head_dim), rescaled as LLaMA-3.1/3.2 do
+    when `cfg.rope_type` is "llama3" (`llama3_scaled_frequencies`; docs/model.md)."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if cfg.rope_type == "default":
+        return inv_freq
+    return llama3_scaled_frequencies(inv_freq, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+                                     cfg.rope_high_freq_factor, cfg.rope_original_max_seq_len)
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding, rotate-half layout. x: [batch, length, heads, head_dim]; positions: [batch, length]."""
+def llama3_scaled_frequencies(inv_freq: Array, factor: float, low_freq_factor: float, high_freq_factor: float,
+                              original_max_seq_len: int) -> Array:
+    """LLaMA-3.1's RoPE scaling, as Meta's `apply_scaling` and transformers' `_compute_llama3_parameters`
+    compute it (float32, same operations): a frequency whose wavelength 2 pi / f is longer than
+    original_max_seq_len / low_freq_factor is divided by `factor` (stretched to the longer context), one shorter
+    than original_max_seq_len / high_freq_factor is kept, and between the two the frequency blends linearly in
+    original_max_seq_len / wavelength from f / factor to f."""
+    low_freq_wavelen = original_max_seq_len / low_freq_factor
+    high_freq_wavelen = original_max_seq_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    stretched = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_seq_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * stretched / factor + smooth * stretched
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(medium, blended, stretched)
+
+
+def apply_rope(x: Array, positions: Array, cfg: ModelConfig) -> Array:
+    """Rotary embedding of `cfg` (rope_theta, rope_type), rotate-half layout. x: [batch, length, heads,
+    head_dim]; positions: [batch, length]."""
     head_dim = x.shape[-1]
-    angles = positions[:, :, None].astype(jnp.float32) * rope_frequencies(head_dim, theta)  # [b, t, d/2]
+    angles = positions[:, :, None].astype(jnp.float32) * rope_frequencies(head_dim, cfg)  # [b, t, d/2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -107,8 +132,8 @@ class Attention(nn.Module):
         q = _constrain(jnp.einsum("btd,dnh->btnh", x, wq), ("batch", "length", "heads", "kv"))
         k = _constrain(jnp.einsum("btd,dnh->btnh", x, wk), ("batch", "length", "kv_heads", "kv"))
         v = _constrain(jnp.einsum("btd,dnh->btnh", x, wv), ("batch", "length", "kv_heads", "kv"))
-        q = apply_rope(q, positions, cfg.rope_theta)
-        k = apply_rope(k, positions, cfg.rope_theta)
+        q = apply_rope(q, positions, cfg)
+        k = apply_rope(k, positions, cfg)
 
         if kv_cache is None:
             mask = attention_mask(segment_ids)

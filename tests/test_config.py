@@ -109,3 +109,60 @@ def test_async_checkpointing_is_on_by_default_must_be_a_bool_and_may_be_absent_i
     c.train.async_checkpointing = "sometimes"  # e.g. a hand-edited config.json
     with pytest.raises(ConfigError, match=r"config.train.async_checkpointing='sometimes': must be true or false"):
         validate(c)
+
+
+# ------------------------------------------------------------------------------------------ LLaMA-3.x, RoPE
+
+
+@pytest.mark.parametrize("name, billions, tied, factor", [
+    ("llama31_8b.py", 8.03, False, 8.0), ("llama31_70b.py", 70.6, False, 8.0),
+    ("llama32_1b.py", 1.24, True, 32.0), ("llama32_3b.py", 3.21, True, 32.0)])
+def test_llama3x_presets_have_the_published_shapes_and_scaled_rope(name, billions, tied, factor):
+    """The published totals (8.03B, 70.6B, 1.24B, 3.21B at vocabulary 128,256) and Meta's config.json RoPE:
+    theta 500,000, llama3 scaling (factor 8 for 3.1, 32 for 3.2 1B/3B; 1 / 4; 8,192), 131,072 context."""
+    m = model_config(filled(name), vocab_size=128256)
+    assert round(m.num_params() / 1e9, 2 if billions < 10 else 1) == billions
+    assert (m.n_kv_heads, m.tie_embeddings, m.max_seq_len) == (8, tied, 131072)
+    assert (m.rope_theta, m.rope_type, m.rope_scaling_factor, m.rope_low_freq_factor, m.rope_high_freq_factor,
+            m.rope_original_max_seq_len) == (500000.0, "llama3", factor, 1.0, 4.0, 8192)
+
+
+def test_rope_type_default_override_drops_the_scaling_parameters():
+    from lima_jax.config import apply_overrides
+    c = filled("llama31_8b.py")
+    apply_overrides(c, [("model.rope_type", "default")])
+    validate(c)
+    m = model_config(c, vocab_size=128256)
+    assert (m.rope_type, m.rope_scaling_factor, m.rope_original_max_seq_len) == ("default", None, None)
+    apply_overrides(c, [("model.rope_type", "llama3"), ("model.rope_scaling_factor", "16")])
+    assert model_config(c, vocab_size=128256).rope_scaling_factor == 16.0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rope_type", "yarn", r"config.model.rope_type='yarn': must be one of \('default', 'llama3'\)"),
+    ("rope_scaling_factor", None, r"config.model.rope_scaling_factor=None: must be a number >= 1 with "
+                                  r"rope_type='llama3'"),
+    ("rope_high_freq_factor", 0.5, r"config.model.rope_high_freq_factor=0.5: must be a number > "
+                                   r"rope_low_freq_factor=1.0"),
+    ("rope_original_max_seq_len", 8192.0, r"config.model.rope_original_max_seq_len=8192.0: must be a positive int"),
+])
+def test_bad_rope_values_name_the_file_and_field(field, value, message):
+    c = filled("llama31_8b.py")
+    with c.ignore_type():
+        c.model[field] = value
+    with pytest.raises(ConfigError, match=message) as error:
+        validate(c)
+    assert "configs/llama31_8b.py" in str(error.value)
+
+
+def test_rope_fields_may_be_absent_in_an_older_config_json(tmp_path):
+    """A run's config.json written before the RoPE scaling fields: plain RoPE, as it was trained."""
+    import json
+    from lima_jax.config import LLAMA3_ROPE_FIELDS
+    c = filled("toy.py").to_dict()
+    for field in ("rope_type", *LLAMA3_ROPE_FIELDS):
+        del c["model"][field]
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    old = load_config_file(tmp_path / "config.json")
+    validate(old)
+    assert model_config(old, vocab_size=513) == model_config(filled("toy.py"), vocab_size=513)

@@ -216,12 +216,13 @@ def _meta_weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in w.items()}
 
 
-def meta_reference_logits(w: dict[str, np.ndarray], p: dict, tokens: np.ndarray) -> np.ndarray:
+def meta_reference_logits(w: dict[str, np.ndarray], p: dict, tokens: np.ndarray,
+                          scale_frequencies=lambda freqs: freqs) -> np.ndarray:
     """Meta's LLaMA forward in numpy, RoPE on interleaved pairs via complex numbers as in Meta's model.py."""
     n_h, n_kv, d = p["n_heads"], p["n_kv_heads"], p["dim"]
     hd = d // n_h
     t = tokens.shape[1]
-    freqs = 1.0 / p["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+    freqs = scale_frequencies(1.0 / p["rope_theta"] ** (np.arange(0, hd, 2) / hd))
     rot = np.exp(1j * np.outer(np.arange(t), freqs))  # [t, hd/2]
 
     def norm(x, g):
@@ -324,15 +325,14 @@ def test_meta_missing_shard_tensor_is_named(meta_weights, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("use_scaled_rope", True, r"params.json: use_scaled_rope=true: only default RoPE is supported"),
     ("use_qk_norm", True, r"params.json: field 'use_qk_norm'=true is not supported"),
     ("moe_args", {"num_experts": 16}, r"params.json: field 'moe_args'=\{\"num_experts\": 16\} is not supported"),
     ("vision_chunk_size", 560, r"params.json: field 'vision_chunk_size'=560 is not supported"),
 ])
 def test_meta_unsupported_params_refused_before_any_tensor(meta_weights, tmp_path, monkeypatch, field, value,
                                                            message):
-    """LLaMA-3.1/3.2's scaled RoPE (and fields of later releases) would import silently as another function:
-    refused from params.json alone, before a shard is opened, and nothing is written."""
+    """Fields of later releases would import silently as another function: refused from params.json alone,
+    before a shard is opened, and nothing is written."""
     torch = pytest.importorskip("torch", reason="torch is in the 'parity' extra")
     src = _write_meta(tmp_path / "meta", meta_weights, 1)
     (src / "params.json").write_text(json.dumps({**META, "rope_theta": 500000.0, field: value}))
@@ -525,8 +525,8 @@ def test_hf_round_trip_without_torch(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0},
-     r"config.json: rope_parameters.rope_type='llama3'"),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0},
+     r"config.json: rope_parameters.low_freq_factor missing \(needed with rope_type 'llama3'\)"),
     ("rope_scaling", {"type": "linear", "factor": 2.0}, r"config.json: rope_scaling.rope_type='linear'"),
     ("model_type", "mistral", r"config.json: model_type='mistral'"),
     ("attention_bias", True, r"config.json: attention_bias=true"),

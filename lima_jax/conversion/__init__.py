@@ -31,7 +31,7 @@ the tokenizer's normalizer undoes the escape, so a user who types `<eot>` gets t
 (text), not the EOT id (`tokenizer_export`).
 
 Modules, one concern each:
-  rope              interleaved_to_halves / halves_to_interleaved
+  rope              interleaved_to_halves / halves_to_interleaved; RoPE settings of config.json / params.json
   params_table      the Hugging Face name <-> lima_jax tree table
   source            the Source protocol of readers, input checks, dtype names
   safetensors_io    .safetensors header reader, tensor reads, writer
@@ -50,7 +50,7 @@ from lima_jax.conversion.importer import check_source, import_checkpoint
 from lima_jax.conversion.llama2c_reader import Llama2cSource
 from lima_jax.conversion.meta_reader import MetaSource, meta_hidden_dim
 from lima_jax.conversion.output import EXPORT_MARKER, atomic_folder, check_output, is_hf_export, is_lima_output
-from lima_jax.conversion.rope import halves_to_interleaved, interleaved_to_halves
+from lima_jax.conversion.rope import describe_rope, halves_to_interleaved, interleaved_to_halves
 from lima_jax.conversion.safetensors_io import read_safetensors_header, read_tensor, write_safetensors
 from lima_jax.conversion.source import DTYPES, Source
 from lima_jax.conversion.tokenizer_export import CHAT_TEMPLATE, chat_template, write_hf_tokenizer
@@ -58,7 +58,8 @@ from lima_jax.errors import ConversionError
 
 __all__ = [
     "CHAT_TEMPLATE", "DTYPES", "EXPORT_MARKER", "ConversionError", "HuggingFaceSource", "Llama2cSource",
-    "MetaSource", "Source", "atomic_folder", "chat_template", "check_output", "check_source", "export_hf",
+    "MetaSource", "Source", "atomic_folder", "chat_template", "check_output", "check_source", "describe_rope",
+    "export_hf",
     "export_tokenizer", "halves_to_interleaved", "hf_config_to_model", "hf_tensors", "import_checkpoint",
     "interleaved_to_halves", "is_hf_export", "is_lima_output", "load_lima_params",
     "meta_hidden_dim", "model_to_hf_config", "read_safetensors_header", "read_tensor",

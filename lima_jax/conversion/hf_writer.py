@@ -17,6 +17,7 @@ from lima_jax import rundir
 from lima_jax.config import ModelConfig, load_config_file
 from lima_jax.conversion.output import atomic_folder, check_output, mark_hf_export
 from lima_jax.conversion.params_table import hf_names, leaf, params_of
+from lima_jax.conversion.rope import hf_rope_config
 from lima_jax.conversion.safetensors_io import write_safetensors
 from lima_jax.conversion.source import numpy_dtype, require
 from lima_jax.conversion.tokenizer_export import write_hf_tokenizer
@@ -35,7 +36,7 @@ def model_to_hf_config(cfg: ModelConfig, dtype: str, bos_id: int, eos_id: int, p
         "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_theta": cfg.rope_theta,
+        **hf_rope_config(cfg),
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id, "dtype": dtype,
         "torch_dtype": dtype, "use_cache": True,
