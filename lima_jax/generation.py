@@ -200,6 +200,20 @@ def decode(params: Any, tokens: jax.Array, lengths: jax.Array, limits: jax.Array
     return {"generated": state["generated"], "num_generated": state["num_generated"], "reason": state["reason"]}
 
 
+def jit_decode(model: Llama, settings: SamplingConfig, cache_len: int, stop_ids: tuple[int, int],
+               out_sharding: jax.sharding.Sharding, use_cache: bool = True):
+    """`decode` jitted for one model, sampling setting and cache length (what `Generator` and the bench run):
+    call it with (params, tokens, lengths, limits, row_ids, seed) under the mesh's `sharding.activate`."""
+    fn = functools.partial(decode, model=model, settings=settings, cache_len=cache_len, stop_ids=stop_ids,
+                           use_cache=use_cache)
+    return jax.jit(fn, out_shardings=out_sharding)
+
+
+def put_global(array: np.ndarray, target: jax.sharding.Sharding) -> jax.Array:
+    """A host array (the same on every host) as a global array with sharding `target`."""
+    return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+
+
 # ----------------------------------------------------------------------------------------- generator
 
 
@@ -245,12 +259,8 @@ class Generator:
 
     @functools.lru_cache(maxsize=16)
     def _compiled(self, settings: SamplingConfig, cache_len: int):
-        fn = functools.partial(decode, model=self.model, settings=settings, cache_len=cache_len,
-                               stop_ids=(self.tokenizer.eot_id, self.tokenizer.eos_id), use_cache=self.use_cache)
-        return jax.jit(fn, out_shardings=self._replicated)
-
-    def _put(self, array: np.ndarray, target: jax.sharding.Sharding) -> jax.Array:
-        return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+        return jit_decode(self.model, settings, cache_len, (self.tokenizer.eot_id, self.tokenizer.eos_id),
+                          self._replicated, self.use_cache)
 
     def check_prompt_length(self, num_tokens: int, where: str) -> None:
         if num_tokens >= self.cfg.max_seq_len:
@@ -292,8 +302,8 @@ class Generator:
         limits[n:] = 1  # filler rows stop at once so they never keep the loop going
         ids = np.asarray(row_ids + [0] * (b - n), np.int32)
         out = self._compiled(settings, cache_len)(
-            self.params, self._put(tokens, self._batch_sharding), self._put(lengths, self._row_sharding),
-            self._put(limits, self._row_sharding), self._put(ids, self._row_sharding), jnp.int32(seed))
+            self.params, put_global(tokens, self._batch_sharding), put_global(lengths, self._row_sharding),
+            put_global(limits, self._row_sharding), put_global(ids, self._row_sharding), jnp.int32(seed))
         out = jax.device_get(out)
         completions = []
         for r in range(n):
