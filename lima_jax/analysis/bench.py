@@ -21,6 +21,7 @@ prompts at given batch sizes, greedy and with LIMA's sampling (top-p 0.9, temper
 
   Variant          a label and its overrides
   parse_variants   `--vs field=v1,v2` sweeps (cross product) and explicit override sets -> variants
+  compile_case     one variant's compiled step, state and batch, ready to time (`TrainCase.step`)
   run              every variant's train (and decode) records: the library entry point of `python -m lima_jax.bench`
   ratios           each variant's figures over the first one's
 """
@@ -137,7 +138,7 @@ def _model_record(m: ModelConfig) -> dict:
 
 
 @dataclasses.dataclass
-class _TrainCase:
+class TrainCase:
     """A compiled variant with its live state and batch, and its step times so far."""
 
     variant: Variant
@@ -164,8 +165,10 @@ class _TrainCase:
         return seconds
 
 
-def _compile_case(config: ml_collections.ConfigDict, variant: Variant, devices: Sequence[Any], segments: int,
-                  vocab_fallback: int) -> _TrainCase:
+def compile_case(config: ml_collections.ConfigDict, variant: Variant, devices: Sequence[Any], segments: int = 1,
+                 vocab_fallback: int = 32001) -> TrainCase:
+    """The variant's train step compiled (timed, its FLOPs and memory recorded), with a fresh state and a
+    random batch on the devices: `case.step()` runs one step and returns its seconds."""
     cfg = variant_config(config, variant)
     model_cfg = model_config(cfg, vocab_size=resolve_vocab_size(cfg, vocab_fallback))
     tic = time.perf_counter()
@@ -198,10 +201,10 @@ def _compile_case(config: ml_collections.ConfigDict, variant: Variant, devices: 
     with jax.set_mesh(mesh):
         state = runtime.create_train_state(model, tx, state_shardings, jax.random.key(cfg.seed))
         batch = runtime.global_batch(packed_batch(cfg, model_cfg.vocab_size, rows, segments), batch_sharding)
-    return _TrainCase(variant, cfg, model_cfg, compiled, model, state, batch, mesh, rules, record)
+    return TrainCase(variant, cfg, model_cfg, compiled, model, state, batch, mesh, rules, record)
 
 
-def _finish_record(case: _TrainCase, steps: int, warmup: int, peak_tflops: float | None,
+def _finish_record(case: TrainCase, steps: int, warmup: int, peak_tflops: float | None,
                    devices: Sequence[Any]) -> dict:
     r = case.record
     median = statistics.median(case.times)
@@ -224,18 +227,18 @@ def time_train(config: ml_collections.ConfigDict, variants: Sequence[Variant], s
     devices = list(devices or jax.devices())
     peak = peak_tflops or device_peak_tflops(devices[0])
 
-    def warm(case: _TrainCase) -> None:
+    def warm(case: TrainCase) -> None:
         for _ in range(warmup):
             case.step()
 
     if sequential:
         for variant in variants:
-            case = _compile_case(config, variant, devices, segments, vocab_fallback)
+            case = compile_case(config, variant, devices, segments, vocab_fallback)
             warm(case)
             case.times = [case.step() for _ in range(steps)]
             yield _finish_record(case, steps, warmup, peak, devices), case
         return
-    cases = [_compile_case(config, v, devices, segments, vocab_fallback) for v in variants]
+    cases = [compile_case(config, v, devices, segments, vocab_fallback) for v in variants]
     for case in cases:
         warm(case)
     for _ in range(steps):
@@ -245,7 +248,7 @@ def time_train(config: ml_collections.ConfigDict, variants: Sequence[Variant], s
         yield _finish_record(case, steps, warmup, peak, devices), case
 
 
-def time_decode(case: _TrainCase, batch: int, new_tokens: int, prompt_len: int, runs: int) -> list[dict]:
+def time_decode(case: TrainCase, batch: int, new_tokens: int, prompt_len: int, runs: int) -> list[dict]:
     """Greedy and LIMA-sampling decode records of one variant's parameters at one batch size (runs alternating,
     after one compiling run each)."""
     cfg, model_cfg = case.cfg, case.model_cfg
