@@ -61,6 +61,17 @@ EpochHook = Callable[[EpochEnd], None]
 
 
 @dataclasses.dataclass(frozen=True)
+class _Dispatched:
+    """A step sent to the devices: its metrics (device arrays, not yet read) and where it stands."""
+
+    metrics: dict[str, jax.Array]
+    epoch: int
+    step: int
+    end_of_epoch: bool
+    started: float  # perf_counter before its batch was assembled
+
+
+@dataclasses.dataclass(frozen=True)
 class Setup:
     """Everything checked before anything is compiled: the runtime and the training examples."""
 
@@ -180,6 +191,28 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
         writer = MetricsWriter(run, total_steps, resumed_at=int(state.step) if latest is not None else 0)
         goodput.after_earlier_runs(run.goodput, writer.redone_steps, writer.redone_s)
         last_metrics: dict = {}
+        pending: _Dispatched | None = None  # the step whose metrics are still on the device
+        last_read = 0.0  # when the previous step's metrics were read
+
+        def read_metrics(done: _Dispatched) -> None:
+            """Reads a step's metrics (a step late: the device meanwhile runs the next one), checks them before
+            anything of that step is saved, and logs them."""
+            nonlocal last_metrics, last_read
+            values = {k: float(v) for k, v in jax.device_get(done.metrics).items()}
+            try:
+                _check_finite(values, done.epoch, done.step, checkpoints, resumed_from=latest)
+            except TrainingDiverged:  # on every host alike: the save in flight is of a finite state
+                finish_save()
+                raise
+            now = time.perf_counter()
+            step_s = now - max(done.started, last_read)  # steps overlap: each one's share of the wall time
+            last_read = now
+            goodput.step(step_s)
+            values.update(epoch=done.epoch, step_s=step_s, tokens_per_s=values["tokens"] / step_s,
+                          goodput=goodput.totals()["goodput"])
+            last_metrics = values
+            if done.step % config.train.log_every == 0 or done.end_of_epoch:
+                writer.write(done.step, values)
 
         def epoch_done(epoch: int, resumed: bool = False) -> None:
             if after_epoch is not None:
@@ -235,6 +268,7 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                 finish_save(prune=False)
                 raise _preempted(checkpoints, epoch, step)
 
+        step = int(state.step)  # counted on the host from here: reading state.step would wait for the device
         # SIGTERM / SIGINT from here on: stop at a step boundary all hosts agree on, save there, exit 75.
         with preemption.catch_stop_signals(early_stops) as stops:  # incl. a SIGTERM during setup
             agreement = preemption.StepAgreement(stops, config.train.get("checkpoint_every_minutes", 0.0))
@@ -253,24 +287,16 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                         process_index=block, process_count=num_blocks, packing=plan.packing,
                         num_rows=plan.rows_per_step)
                     for batch_index, local in enumerate(batches, start=start + 1):
-                        # One step, its metrics checked before anything of this state is saved.
+                        # One step, dispatched without waiting: the host reads the previous step's metrics and
+                        # prepares the next batch while the device runs it.
                         tic = time.perf_counter()
                         state, metrics = step_fn(state, runtime.global_batch(local, batch_sharding, batch_shape))
-                        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                        step = int(state.step)
-                        try:
-                            _check_finite(metrics, epoch, step, checkpoints, resumed_from=latest)
-                        except TrainingDiverged:  # on every host alike: the save in flight is of a finite state
-                            finish_save()
-                            raise
-                        step_s = time.perf_counter() - tic
-                        goodput.step(step_s)
-                        metrics.update(epoch=epoch, step_s=step_s, tokens_per_s=metrics["tokens"] / step_s,
-                                       goodput=goodput.totals()["goodput"])
-                        last_metrics = metrics
+                        step += 1
                         end_of_epoch = batch_index == steps_per_epoch
-                        if step % config.train.log_every == 0 or end_of_epoch:
-                            writer.write(step, metrics)
+                        dispatched = _Dispatched(metrics, epoch, step, end_of_epoch, tic)
+                        if pending is not None:
+                            read_metrics(pending)
+                            pending = None
                         # A checkpoint at the end of every epoch, every checkpoint_every_steps /
                         # checkpoint_every_minutes if set, and where the hosts agree to stop.
                         decision = agreement.after_step(step)
@@ -279,17 +305,20 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                             finish_save()  # the background write is done on every host: seal it now
                         every = config.train.checkpoint_every_steps
                         if end_of_epoch or (every and step % every == 0) or decision.checkpoint_due or decision.stop:
+                            read_metrics(dispatched)  # this step checked before anything of it is saved
                             save(epoch, batch_index, step, stopping=decision.stop)
                             if end_of_epoch:
                                 logging.info("epoch %d done: checkpoint %s/%d", epoch, checkpoints.directory, step)
                             if decision.stop:
                                 raise _preempted(checkpoints, epoch, step)
                             stop_if_agreed(epoch, step)  # a signal during the save
+                        else:
+                            pending = dispatched
                     # The end-of-epoch hooks (dev report), after the checkpoint exists (written and sealed: the
                     # epoch's save is synchronous, and it sealed any save still in flight first).
                     epoch_done(epoch)
                     if epoch < config.train.num_epochs:  # after the last hook training is done anyway
-                        stop_if_agreed(epoch, int(state.step))  # a signal during the hook
+                        stop_if_agreed(epoch, step)  # a signal during the hook
             finally:
                 writer.close()
                 checkpoints.close()
