@@ -49,13 +49,16 @@ class Runtime:
         return Llama(self.model_cfg)
 
 
-def build(config: ml_collections.ConfigDict) -> Runtime:
-    """The Runtime of `config`, every part checked (tokenizer file, vocabulary, mesh) before any compilation."""
+def build(config: ml_collections.ConfigDict, with_eot: bool = True) -> Runtime:
+    """The Runtime of `config`, every part checked (tokenizer file, vocabulary, mesh) before any compilation.
+    `with_eot=False` admits a model without the EOT row (a base model, sampled as plain completion)."""
     tokenizer = Tokenizer(config.tokenizer.path)
-    model_cfg = model_config(config, vocab_size=config.model.vocab_size or tokenizer.vocab_size)
-    if model_cfg.vocab_size < tokenizer.vocab_size:
+    smallest = tokenizer.vocab_size if with_eot else tokenizer.eot_id
+    model_cfg = model_config(config, vocab_size=config.model.vocab_size or smallest)
+    if model_cfg.vocab_size < smallest:
         raise ConfigError(f"{config.get('source_file', '<config>')}: config.model.vocab_size="
-                          f"{model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} (incl. EOT)")
+                          f"{model_cfg.vocab_size} is smaller than the tokenizer's {smallest}"
+                          + (" (incl. EOT)" if with_eot else ""))
     mesh = sharding.make_mesh(config, vocab_size=model_cfg.vocab_size)
     rules = sharding.layout_rules(config, vocab_size=model_cfg.vocab_size, shape=mesh.devices.shape)
     return Runtime(tokenizer, model_cfg, mesh, rules)
