@@ -188,6 +188,10 @@ ORIGINAL_TOKENIZER_FILE = "tokenizer.model"  # the sentencepiece (or Meta tiktok
 def ship_original_tokenizer(tok: Tokenizer, folder: epath.Path) -> None:
     """The tokenizer file the model was trained with, copied byte for byte beside tokenizer.json as
     `tokenizer.model`: transformers' sentencepiece `LlamaTokenizer` and llama.cpp's converter (piece scores
-    and types) read it. A Hugging Face `tokenizer.json` source (LLaMA-3) is not copied under its own name,
-    which the export's tokenizer.json (with EOT) takes."""
+    and types) read it, and without it llama.cpp gives every piece the same score.
+
+    Other backends (LLaMA-3, once the tokenizer interface has them): Meta's tiktoken `tokenizer.model` ships
+    under this same name, unchanged. A Hugging Face `tokenizer.json` source ships unchanged *as*
+    tokenizer.json when EOT is one of its own special tokens (nothing to add); with EOT as a new row the
+    export's tokenizer.json must add `<eot>`, so the original is that file plus one added token."""
     (as_path(folder) / ORIGINAL_TOKENIZER_FILE).write_bytes(as_path(tok.path).read_bytes())
