@@ -154,7 +154,8 @@ def test_stories260k_finetuned_export_matches_in_transformers(stories, finetuned
     print(f"\nfine-tuned stories260K (tied embeddings, EOT) lima_jax -> HF: max |logit diff| = {diff:.2e} (tol 1e-4)")
     assert diff < 1e-4
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
-    assert hf_tok.eos_token_id == tok.eot_id == model.generation_config.eos_token_id
+    assert hf_tok.eos_token_id == tok.eot_id
+    assert model.generation_config.eos_token_id == [tok.eot_id, tok.eos_id]
     assert hf_tok(STORY).input_ids == [tok.bos_id] + tok.encode(STORY)
 
 
