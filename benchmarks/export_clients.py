@@ -3,7 +3,8 @@ venv), llama.cpp's own converter + llama-cpp-python. Prints one table row per cl
 
     python benchmarks/export_clients.py --checkpoint /tmp/s260k_lima --out /tmp/clients \
         [--python /work/venv457/bin/python ...]            # more transformers installs, each its own interpreter
-        [--convert /src/llama.cpp/convert_hf_to_gguf.py --convert_python PY]   # PY has torch + gguf
+        [--convert /src/llama.cpp/convert_hf_to_gguf.py --convert_python PY]   # PY has torch + gguf (+ its
+                                                            # `conversion` folder beside it, as in llama.cpp)
         [--llama_python /work/venvllama/bin/python]         # has llama-cpp-python
 
 Reference: lima_jax itself, in this interpreter: `encode_dialog` ids of the 300 LIMA test prompts (alone and after a
@@ -124,7 +125,23 @@ def client_transformers(ref: dict) -> dict:
     result["greedy"] = _exact(greedy)
     result["stops"] = _exact(stops)
     result["stop_prompts"] = len(stops)
+    result["docs_example"] = _docs_example(hf)
     return result
+
+
+def _docs_example(hf: str) -> str:
+    """Runs the Python example of docs/checkpoints.md as written, with the export's path."""
+    import contextlib
+    import io
+    import re
+    docs = (REPO / "docs" / "checkpoints.md").read_text()
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", docs, re.S) if "apply_chat_template" in b]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            exec(compile(code.replace('"/hf/lima-65b"', repr(hf)), "docs/checkpoints.md", "exec"), {})
+    except Exception as e:  # noqa: BLE001 - the example failing is the finding
+        return f"fails: {type(e).__name__}: {str(e)[:200]}"
+    return f"runs ({len(out.getvalue().split())} words printed)"
 
 
 def client_llamacpp(ref: dict, gguf: str) -> dict:
@@ -163,6 +180,25 @@ def client_llamacpp(ref: dict, gguf: str) -> dict:
     result["chat_completion"] = answer["choices"][0]["message"]["content"]
     result["chat_finish"] = answer["choices"][0]["finish_reason"]
     return result
+
+
+def client_gguf_metadata(ref: dict, gguf_path: str) -> dict:
+    """What a GGUF tells llama.cpp about the tokenizer (gguf-py's reader; no llama.cpp build needed): the
+    pieces and their scores and types, the special ids, the chat template."""
+    import gguf
+    fields = gguf.GGUFReader(gguf_path).fields
+
+    def value(key):
+        return fields[key].contents() if key in fields else None
+    tokens, scores, types = (value(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
+    eot = ref["eot_id"]
+    return {"client": "gguf", "version": getattr(gguf, "__version__", "gguf-py"), "gguf": gguf_path,
+            "model": value("tokenizer.ggml.model"), "tokens": len(tokens), "distinct_scores": len(set(scores)),
+            "eot_piece": tokens[eot], "eot_type": int(types[eot]), "control_type": int(gguf.TokenType.CONTROL),
+            "eos": value("tokenizer.ggml.eos_token_id"), "eot": value("tokenizer.ggml.eot_token_id"),
+            "bos": value("tokenizer.ggml.bos_token_id"),
+            "chat_template_is_exported": value("tokenizer.chat_template") == json.loads(
+                (pathlib.Path(ref["hf"]) / "tokenizer_config.json").read_text())["chat_template"]}
 
 
 # -------------------------------------------------------------------------------------------- driver
@@ -209,9 +245,17 @@ def _rows(results: list[dict]) -> list[str]:
                 ids = t["load"] if "plain" not in t else ", ".join(f"{k} {v}" for k, v in t.items() if k != "load")
                 rows.append(f"| transformers {name} ({t['load']}) | {r['version']} | apply_chat_template + tok(text) | "
                             f"{ids} | | |")
+            rows.append(f"| transformers docs/checkpoints.md example | {r['version']} | as written | "
+                        f"{r['docs_example']} | | |")
             rows.append(f"| transformers generate | {r['version']} | greedy, {NEW_TOKENS} new tokens, "
                         f"{r['greedy'].split('/')[1]} prompts | | {r['stops']} | "
                         f"{r['greedy']} |")
+        elif r["client"] == "gguf":
+            rows.append(f"| llama.cpp convert_hf_to_gguf.py -> {pathlib.Path(r['gguf']).name} | gguf-py {r['version']} | "
+                        f"GGUF metadata: {r['tokens']} pieces, {r['distinct_scores']} distinct scores, "
+                        f"{r['eot_piece']!r} type {r['eot_type']} (control {r['control_type']}), eos {r['eos']}, "
+                        f"eot {r['eot']}, bos {r['bos']}, chat template = export's: {r['chat_template_is_exported']} "
+                        "| (needs llama.cpp) | | |")
         else:
             ids = ", ".join(f"{k} {r[k]}" for k in ("plain", "lima_test", "lima_test+system", "mt_bench_multi_turn"))
             rows.append(f"| llama-cpp-python {pathlib.Path(r['gguf']).name} (eos {r['eos']}, eot {r['eot']}, EOG "
@@ -223,7 +267,7 @@ def _rows(results: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
-    for name in ("client-transformers", "client-llamacpp"):
+    for name in ("client-transformers", "client-llamacpp", "client-gguf"):
         p = sub.add_parser(name)
         p.add_argument("--reference", required=True)
         p.add_argument("--result", required=True)
@@ -239,7 +283,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.command:
         ref = json.loads(pathlib.Path(args.reference).read_text())
-        result = client_transformers(ref) if args.command == "client-transformers" else client_llamacpp(ref, args.gguf)
+        clients = {"client-transformers": lambda: client_transformers(ref),
+                   "client-llamacpp": lambda: client_llamacpp(ref, args.gguf),
+                   "client-gguf": lambda: client_gguf_metadata(ref, args.gguf)}
+        result = clients[args.command]()
         pathlib.Path(args.result).write_text(json.dumps(result, indent=2))
         return
     if not args.checkpoint:
@@ -253,6 +300,9 @@ def main() -> None:
         results += [r] if r else []
     if args.convert:
         for gguf in _convert_gguf(args, out / "hf", out):
+            r = _run_client(args.convert_python, ["client-gguf", "--reference", str(ref_path), "--gguf", str(gguf)],
+                            out, f"gguf_{gguf.stem}")
+            results += [r] if r else []
             if args.llama_python:
                 r = _run_client(args.llama_python, ["client-llamacpp", "--reference", str(ref_path), "--gguf",
                                                     str(gguf)], out, f"llamacpp_{gguf.stem}")

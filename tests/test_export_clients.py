@@ -55,6 +55,7 @@ def test_export_ships_the_original_tokenizer_and_declares_every_special_and_stop
     assert (generation["temperature"], generation["top_p"], generation["repetition_penalty"],
             generation["max_new_tokens"], generation["top_k"]) == (lima.temperature, lima.top_p,
                                                                    lima.repetition_penalty, lima.max_new_tokens, 0)
+    assert _json(export, "tokenizer_config.json")["model_input_names"] == ["input_ids", "attention_mask"]
     model_generation = transformers.GenerationConfig.from_pretrained(export)
     assert model_generation.eos_token_id == stops and model_generation.temperature == lima.temperature
 
@@ -82,7 +83,9 @@ def _reader_ids(messages: list[dict]) -> list[int]:
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_chat_template_gives_the_readers_ids_system_message_included(export, messages):
     tok = transformers.AutoTokenizer.from_pretrained(export, local_files_only=True)
-    ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    encoded = tok.apply_chat_template(messages, tokenize=True, return_dict=True)
+    assert set(encoded) == {"input_ids", "attention_mask"}  # what generate(**encoded) takes (transformers 4 too)
+    ids = encoded["input_ids"]
     assert ids == _reader_ids(messages)
     if messages[-1]["role"] == "user":  # a prompt: the generation prompt adds nothing after the user's EOT
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,

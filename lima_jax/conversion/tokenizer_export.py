@@ -165,6 +165,9 @@ def write_hf_tokenizer(tok: Tokenizer, folder: epath.Path, with_eot: bool) -> No
               # each turn encoded on its own, with sentencepiece's dummy prefix, as `encode_dialog` does:
               # what transformers' slow LlamaTokenizer calls legacy
               "legacy": True, "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000,
+              # what LLaMA takes: without it transformers 4's PreTrainedTokenizerFast also returns
+              # token_type_ids, which `generate(**inputs)` refuses
+              "model_input_names": ["input_ids", "attention_mask"],
               "added_tokens_decoder": added_tokens_decoder(ids)}
     if with_eot:
         config["chat_template"] = chat_template(specials)
