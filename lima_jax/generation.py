@@ -16,6 +16,7 @@ are answered round by round: q2 is asked after the model's own answer to q1.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -29,13 +30,13 @@ from jax.sharding import Mesh
 
 import ml_collections
 
-from lima_jax import runtime, sharding
+from lima_jax import rundir, runtime, sharding
 from lima_jax.config import ModelConfig
 from lima_jax.errors import ConfigError, DataError
 from lima_jax.model import KV_CACHE_AXES, Llama, init_kv_cache
-from lima_jax.records import STOP_REASONS, PromptRecord, answer_record
+from lima_jax.records import STOP_REASONS, PromptRecord, answer_record, prompt_ids
 from lima_jax.rundir import CheckpointChoice
-from lima_jax.tokenizer import Tokenizer
+from lima_jax.tokenizer import Tokenizer, load_tokenizer
 
 _RUNNING, _EOT, _EOS, _MAX_NEW, _CONTEXT = range(len(STOP_REASONS))
 _LENGTH_BUCKET = 32  # prompt batches are padded to a multiple of this: few distinct shapes to compile
@@ -366,8 +367,11 @@ class Generator:
         return completions
 
 
-def answer_prompts(generator: Generator, prompts: Sequence[PromptRecord], settings: SamplingConfig) -> list[dict]:
-    """Answers every prompt (all rounds of multi-turn questions, batched per round); output records."""
+def answer_prompts(generator: Generator, prompts: Sequence[PromptRecord], settings: SamplingConfig,
+                   prompt_format: str = "chat") -> list[dict]:
+    """Answers every prompt (all rounds of multi-turn questions, batched per round); output records.
+    `prompt_format` (`records.prompt_ids`): "chat" (the turn format) or "completion" (plain text continued,
+    one round; `records.check_prompts_fit` refuses multi-turn prompts first)."""
     tokenizer = generator.tokenizer
     conversations = [list(p.turns) for p in prompts]
     history: list[list[Completion]] = [[] for _ in prompts]
@@ -376,7 +380,7 @@ def answer_prompts(generator: Generator, prompts: Sequence[PromptRecord], settin
         if round_index:
             for i in active:
                 conversations[i] += [history[i][-1].text, prompts[i].followups[round_index - 1]]
-        ids = {i: tokenizer.encode_dialog(conversations[i]).ids for i in active}
+        ids = {i: prompt_ids(tokenizer, conversations[i], prompt_format) for i in active}
         # First rounds were checked up front (check_prompts_fit); a later round that outgrew the context
         # is answered with nothing and stop reason "context" rather than failing after hours of decoding.
         fits = [i for i in active if len(ids[i]) < generator.cfg.max_seq_len]
@@ -391,8 +395,24 @@ def answer_prompts(generator: Generator, prompts: Sequence[PromptRecord], settin
 
 
 def build_generator(config: ml_collections.ConfigDict, choice: CheckpointChoice, batch_size: int,
-                    use_cache: bool = True) -> Generator:
-    """Tokenizer, mesh and a checkpoint's parameters (checked against `config`'s model) in a Generator."""
-    rt = runtime.build(config)
+                    use_cache: bool = True, prompt_format: str = "chat") -> Generator:
+    """Tokenizer, mesh and a checkpoint's parameters (checked against `config`'s model) in a Generator.
+
+    A base model (an import: its vocabulary is the tokenizer's without EOT) is sampled only with the
+    "completion" format, which then takes the checkpoint's vocabulary; the chat format refuses it, naming
+    the way out."""
+    tokenizer = load_tokenizer(config)
+    stored = rundir.stored_model_config(choice)["vocab_size"]
+    base_model = tokenizer.eot_is_new_row and stored == tokenizer.base_vocab_size
+    if base_model:
+        if prompt_format != "completion":
+            raise ConfigError(f"{choice.folder}: the model's vocabulary is {stored}, the tokenizer "
+                              f"{tokenizer.path} without EOT: a base model (not fine-tuned), which has no turn "
+                              "format; sample it with --prompt_format=completion (plain text continued, stop at "
+                              "EOS)")
+        config = copy.deepcopy(config)
+        with config.unlocked():
+            config.model.vocab_size = stored
+    rt = runtime.build(config, with_eot=not base_model)
     params = runtime.load_params(choice, rt)
     return Generator(rt.model_cfg, params, rt.tokenizer, rt.mesh, rt.rules, batch_size, use_cache)

@@ -49,14 +49,17 @@ class Runtime:
         return Llama(self.model_cfg)
 
 
-def build(config: ml_collections.ConfigDict) -> Runtime:
-    """The Runtime of `config`, every part checked (tokenizer file, vocabulary, mesh) before any compilation."""
+def build(config: ml_collections.ConfigDict, with_eot: bool = True) -> Runtime:
+    """The Runtime of `config`, every part checked (tokenizer file, vocabulary, mesh) before any compilation.
+    `with_eot=False` admits a model without the EOT row (a base model, sampled as plain completion)."""
     tokenizer = load_tokenizer(config)
     logging.info("tokenizer: %s", tokenizer.describe())
-    model_cfg = model_config(config, vocab_size=config.model.vocab_size or tokenizer.vocab_size)
-    if model_cfg.vocab_size < tokenizer.vocab_size:
+    smallest = tokenizer.vocab_size if with_eot else tokenizer.base_vocab_size
+    model_cfg = model_config(config, vocab_size=config.model.vocab_size or smallest)
+    if model_cfg.vocab_size < smallest:
         raise ConfigError(f"{config.get('source_file', '<config>')}: config.model.vocab_size="
-                          f"{model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} (EOT included)")
+                          f"{model_cfg.vocab_size} is smaller than the tokenizer's {smallest}"
+                          + (" (EOT included)" if with_eot and tokenizer.eot_is_new_row else ""))
     mesh = sharding.make_mesh(config, vocab_size=model_cfg.vocab_size)
     rules = sharding.layout_rules(config, vocab_size=model_cfg.vocab_size, shape=mesh.devices.shape)
     return Runtime(tokenizer, model_cfg, mesh, rules)

@@ -159,14 +159,15 @@ def test_export_tokenizer_and_stop_token(exported):
     assert tok.convert_tokens_to_ids("<eot>") == ours.eot_id and "<eot>" in tok.all_special_tokens
     assert tok.eos_token_id == ours.eot_id
     gen = transformers.GenerationConfig.from_pretrained(hf, local_files_only=True)
-    assert gen.eos_token_id == ours.eot_id
+    assert gen.eos_token_id == [ours.eot_id, ours.eos_id]  # every id lima_jax stops on
     turns = ["Hi there, how are you?", "Fine, thanks. 42!", "And now?"]
     messages = [{"role": role, "content": text} for role, text in zip(["user", "assistant"] * 2, turns)]
     assert tok.apply_chat_template(messages, return_dict=True)["input_ids"] == ours.encode_dialog(turns).ids
 
 
 def test_exported_model_stops_at_eot(exported, tmp_path):
-    """`generate` stops at EOT: a model rigged so that EOT is always the argmax stops after one token."""
+    """`generate` stops at EOT, and at EOS: a model rigged so that EOT (then EOS) is always the argmax stops
+    after one token."""
     import torch
     import transformers
     lima, _ = exported
@@ -186,6 +187,12 @@ def test_exported_model_stops_at_eot(exported, tmp_path):
     assert out[0].tolist() == [1, 5, 6, 512]
     longer = model.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None)
     assert longer[0].tolist() == [1, 5, 6] + [512] * 10  # without the stop token it would run on
+    params["lm_head"][:, 512] = 0.0  # now EOS is always the argmax: generation_config lists it too
+    params["lm_head"][:, 2] = 1.0
+    checkpoint.save_params(tmp_path / "lima_eos", params, cfg)
+    conversion.export_hf(tmp_path / "lima_eos", TOY_TOKENIZER, tmp_path / "hf_eos")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_eos", local_files_only=True)
+    assert model.generate(prompt, max_new_tokens=10, do_sample=False)[0].tolist() == [1, 5, 6, 2]
 
 
 # ----------------------------------------------------------------------------------------------- Meta
