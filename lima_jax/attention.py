@@ -298,22 +298,31 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, interpret
     return jnp.moveaxis(out, 3, 1).reshape(b, padded, nh, d)[:, :t]
 
 
+def cudnn_segments(segment_ids: Array) -> tuple[Array, Array]:
+    """cuDNN's packed layout of rows of contiguous segments 1, 2, ... (0 = padding): (seqlen [b, t], the length
+    of each segment, and offsets [b, t + 1], the index of its first token), unused entries -1. The static bound
+    of t segments per row (every token its own example) keeps the shapes fixed."""
+    seg = segment_ids.astype(jnp.int32)
+    t = seg.shape[1]
+    count = jax.vmap(lambda row: jax.ops.segment_sum(jnp.ones_like(row), row, num_segments=t + 1))(seg)[:, 1:]
+    exists = count > 0
+    starts = jnp.cumsum(count, axis=1) - count
+    seqlen = jnp.where(exists, count, -1)
+    offsets = jnp.concatenate([jnp.where(exists, starts, -1), jnp.full((seg.shape[0], 1), -1, jnp.int32)], axis=1)
+    return seqlen, offsets
+
+
 def cudnn_attention(q: Array, k: Array, v: Array, segment_ids: Array) -> Array:
     """cuDNN fused flash attention with the packed rows as per-segment lengths and offsets (ragged layout)
     and a causal mask. Needs an NVIDIA Hopper GPU or later and bfloat16/float16 inputs."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn  # the binding behind jax.nn's "cudnn"
 
-    b, t, _, d = q.shape
-    seg = segment_ids.astype(jnp.int32)
-    max_segments = t  # a static bound: every token its own example
-    lengths = jax.vmap(lambda row: jax.ops.segment_sum(jnp.ones_like(row), row, num_segments=max_segments + 1))(seg)
-    lengths = lengths[:, 1:]  # drop padding (segment 0)
-    exists = lengths > 0
-    starts = jnp.cumsum(lengths, axis=1) - lengths  # segments are contiguous and numbered 1, 2, ...
-    seqlen = jnp.where(exists, lengths, -1)
-    offsets = jnp.concatenate([jnp.where(exists, starts, -1), jnp.full((b, 1), -1, jnp.int32)], axis=1)
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ConfigError(f"model.attention='cudnn': cuDNN flash attention takes bfloat16 or float16, not "
+                          f"{q.dtype}; set model.compute_dtype=bfloat16 or choose model.attention='blocked'")
+    seqlen, offsets = cudnn_segments(segment_ids)
     return cudnn.dot_product_attention(q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets,
-                                       kv_offsets=offsets, scale=1.0 / math.sqrt(d),
+                                       kv_offsets=offsets, scale=1.0 / math.sqrt(q.shape[-1]),
                                        mask_type=cudnn.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
 
 
@@ -325,7 +334,7 @@ def tokamax_attention(q: Array, k: Array, v: Array, segment_ids: Array) -> Array
         from tokamax._src.ops.attention import base as tokamax_base
     except ImportError as e:
         raise ConfigError(f"model.attention='tokamax': the tokamax package is not importable ({e}); install "
-                          "the gpu extra (pip install -e .[gpu]) or choose model.attention='blocked'") from None
+                          "the tokamax extra (pip install -e .[tokamax]) or choose model.attention='blocked'") from None
     mask = tokamax_base.Mask(k_start=_segment_start(segment_ids)[:, None, :], is_causal=True)
     errors = []
     for name in ("mosaic_gpu", "triton"):

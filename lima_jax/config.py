@@ -241,6 +241,8 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, m.get("attention", DEFAULT_ATTENTION) in ATTENTION_IMPLEMENTATIONS, "model.attention",
            f"must be one of {ATTENTION_IMPLEMENTATIONS} (\"blocked\": linear-memory XLA attention on every backend; "
            "\"cudnn\" / \"triton\" / \"tokamax\": GPU kernels; \"splash\": TPU; \"reference\": the plain formula)")
+    _check(config, m.get("attention") != "cudnn" or m.compute_dtype != "float32", "model.attention",
+           "\"cudnn\" takes bfloat16 or float16 only: set model.compute_dtype=bfloat16 or use \"blocked\"")
     d = config.data
     _check(config, bool(d.train_path) or not paths, "data.train_path", "set the training JSONL file")
     _check(config, d.max_len > 1, "data.max_len", "must be > 1")
