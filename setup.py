@@ -43,5 +43,7 @@ setup(
         "parity": ["torch>=2.4", "transformers>=4.45", "safetensors>=0.4", "tokenizers>=0.20", "protobuf>=4"],
         # Ahead-of-time compilation for TPU topologies from a CPU host.
         "tpu": ["jax[tpu]>=0.10,<0.12"],
+        # model.attention="tokamax": its GPU flash-attention kernels (imports on CPU too, runs on GPU only).
+        "tokamax": ["tokamax>=0.0.12,<0.1"],
     },
 )

@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.compute_dtype = "bfloat16"
     c.model.remat_policy = "full"
+    # Attention kernel (docs/performance.md): "blocked" runs on every backend in memory linear in the row
+    # length; "splash" (TPU) and "cudnn" / "triton" / "tokamax" (GPU) are fused kernels.
+    c.model.attention = "blocked"
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""  # LLaMA's tokenizer.model (or a folder, or a LLaMA-3 tokenizer.json: docs/model.md)

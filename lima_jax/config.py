@@ -20,6 +20,10 @@ from lima_jax.errors import ConfigError
 from lima_jax.paths import PathLike, as_path
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# model.attention: the kernel of `lima_jax.attention`. "blocked" runs everywhere in linear memory (the default);
+# "cudnn", "triton", "tokamax" need a GPU, "splash" a TPU; "reference" materializes the scores.
+ATTENTION_IMPLEMENTATIONS = ("blocked", "reference", "cudnn", "triton", "splash", "tokamax")
+DEFAULT_ATTENTION = "blocked"
 DTYPES = ("float32", "bfloat16", "float16")
 LOSS_ON = ("assistant", "all")
 ON_BAD_EXAMPLE = ("error", "skip")
@@ -67,6 +71,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat_policy: str = "none"
+    attention: str = DEFAULT_ATTENTION
 
     def __post_init__(self):
         problem = rope_problem(self.rope_type, *(getattr(self, f) for f in LLAMA3_ROPE_FIELDS))
@@ -135,7 +140,8 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         hidden_dim=m.hidden_dim, norm_eps=m.norm_eps, rope_theta=m.rope_theta, **_rope_fields(m),
         max_seq_len=m.max_seq_len, tie_embeddings=m.tie_embeddings,
         residual_dropout_max=m.residual_dropout_max, param_dtype=m.param_dtype,
-        compute_dtype=m.compute_dtype, remat_policy=m.remat_policy)
+        compute_dtype=m.compute_dtype, remat_policy=m.remat_policy,
+        attention=m.get("attention", DEFAULT_ATTENTION))  # absent in configs written before it existed
 
 
 def packing_mode(value: Any) -> str:
@@ -294,6 +300,11 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
     _check(config, m.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
     _check(config, m.remat_policy in REMAT_POLICIES, "model.remat_policy", f"must be one of {REMAT_POLICIES}")
+    _check(config, m.get("attention", DEFAULT_ATTENTION) in ATTENTION_IMPLEMENTATIONS, "model.attention",
+           f"must be one of {ATTENTION_IMPLEMENTATIONS} (\"blocked\": linear-memory XLA attention on every backend; "
+           "\"cudnn\" / \"triton\" / \"tokamax\": GPU kernels; \"splash\": TPU; \"reference\": the plain formula)")
+    _check(config, m.get("attention") != "cudnn" or m.compute_dtype != "float32", "model.attention",
+           "\"cudnn\" takes bfloat16 or float16 only: set model.compute_dtype=bfloat16 or use \"blocked\"")
     d = config.data
     _check(config, bool(d.train_path) or not paths, "data.train_path", "set the training JSONL file")
     _check(config, d.max_len > 1, "data.max_len", "must be > 1")

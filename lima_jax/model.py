@@ -8,6 +8,8 @@
 * Layers are stacked with `nn.scan` (one compiled layer, whatever the depth), optionally rematerialized.
 * Attention takes `segment_ids` and `positions`: a token attends only to earlier tokens of its own segment
   and RoPE positions restart per segment, so packed rows never leak across examples. Segment 0 is padding.
+  The attention kernel is `model.attention` (`lima_jax.attention`); decoding with a KV cache uses the
+  reference formula over the cache.
 * RoPE uses the rotate-half layout of Hugging Face; `lima_jax.convert` permutes Meta/llama2.c weights
   (interleaved pairs) into it. See docs/checkpoints.md.
 * LIMA residual dropout: layer l of L (1-based) drops each residual branch output with
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lima_jax.attention import attend, attention_mask, grouped_query_attention  # noqa: F401 (re-exported)
 from lima_jax.config import ModelConfig
 
 Array = jax.Array
@@ -84,15 +87,6 @@ def apply_rope(x: Array, positions: Array, cfg: ModelConfig) -> Array:
     return rotated.astype(x.dtype)
 
 
-def attention_mask(segment_ids: Array) -> Array:
-    """[batch, 1, q, k] boolean: causal, same segment, and never to padding (segment 0)."""
-    length = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    not_pad = (segment_ids != 0)[:, None, :]
-    return (causal[None] & same_segment & not_pad)[:, None]
-
-
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig,
            init=_init) -> Array:
     """A parameter stored in `param_dtype`, annotated with logical axes, returned in `compute_dtype`."""
@@ -135,32 +129,14 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, cfg)
         k = apply_rope(k, positions, cfg)
 
-        if kv_cache is None:
-            mask = attention_mask(segment_ids)
-            new_cache = None
+        if kv_cache is None:  # training / scoring: the kernel chosen by model.attention
+            out, new_cache = attend(cfg.attention, q, k, v, segment_ids), None
         else:  # decoding: write this step's keys/values at `index`, attend to everything written so far
             k, v, mask, new_cache = _update_kv_cache(kv_cache, k, v, segment_ids)
-
-        out = grouped_query_attention(q, k, v, mask)
+            out = grouped_query_attention(q, k, v, mask)
         out = _constrain(out, ("batch", "length", "heads", "kv"))
         out = jnp.einsum("btnh,nhd->btd", out, wo)
         return _constrain(out, ("batch", "length", "embed")), new_cache
-
-
-def grouped_query_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """softmax(q k^T / sqrt(d)) v with each KV head shared by n_heads / n_kv_heads query heads.
-
-    q: [b, t, n_heads, d]; k, v: [b, s, n_kv_heads, d]; mask: [b, 1, t, s] (True = may attend).
-    """
-    b, t, nh, d = q.shape
-    nkv = k.shape[2]
-    q = q.reshape(b, t, nkv, nh // nkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / np.sqrt(d)
-    big_negative = jnp.finfo(jnp.float32).min  # finite, so fully masked (padding) rows give no NaN
-    scores = jnp.where(mask[:, :, None], scores, big_negative)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, nh, d)
 
 
 def _update_kv_cache(cache: dict, k: Array, v: Array, segment_ids: Array):

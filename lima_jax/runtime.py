@@ -24,7 +24,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
-from lima_jax import rundir, sharding
+from lima_jax import attention, rundir, sharding
 from lima_jax.checkpoint import check_model_matches
 from lima_jax.config import ModelConfig, model_config
 from lima_jax.errors import CheckpointError, ConfigError
@@ -60,6 +60,7 @@ def build(config: ml_collections.ConfigDict, with_eot: bool = True) -> Runtime:
         raise ConfigError(f"{config.get('source_file', '<config>')}: config.model.vocab_size="
                           f"{model_cfg.vocab_size} is smaller than the tokenizer's {smallest}"
                           + (" (EOT included)" if with_eot and tokenizer.eot_is_new_row else ""))
+    attention.check_backend(model_cfg.attention)  # a GPU/TPU kernel on a backend without it
     mesh = sharding.make_mesh(config, vocab_size=model_cfg.vocab_size)
     rules = sharding.layout_rules(config, vocab_size=model_cfg.vocab_size, shape=mesh.devices.shape)
     return Runtime(tokenizer, model_cfg, mesh, rules)

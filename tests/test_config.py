@@ -60,6 +60,8 @@ def test_smaller_models_use_batch_64_and_dropout_0_2():
     ("optimizer.end_learning_rate", 1.0, "must be in"),
     ("data.loss_on", "prompt", "must be one of"),
     ("model.remat_policy", "sometimes", "must be one of"),
+    ("model.attention", "flash", "must be one of"),
+    ("model.attention", "cudnn", "takes bfloat16 or float16 only"),  # the toy computes in float32
     ("data.max_len", 4096, "exceeds model.max_seq_len"),
     ("workdir", "", "set an output folder"),
     ("data.max_line_bytes", 0, "must be a positive int"),
