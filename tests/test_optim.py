@@ -98,7 +98,7 @@ def test_bfloat16_moments_are_stored_so_and_give_the_float32_step(mu_dtype, nu_d
     reference, ref_state = run("param", "param")
     updates, state = run(mu_dtype, nu_dtype)
     expected = {"param": jnp.float32, "bfloat16": jnp.bfloat16}
-    assert {x.dtype for x in jax.tree.leaves(ref_state.mu) + jax.tree.leaves(ref_state.nu)} == {jnp.float32}
+    assert {x.dtype for x in jax.tree.leaves(ref_state.mu) + jax.tree.leaves(ref_state.nu)} == {jnp.dtype(jnp.float32)}
     assert {x.dtype for x in jax.tree.leaves(state.mu)} == {jnp.dtype(expected[mu_dtype])}
     assert {x.dtype for x in jax.tree.leaves(state.nu)} == {jnp.dtype(expected[nu_dtype])}
     for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(reference)):
