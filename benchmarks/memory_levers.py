@@ -41,7 +41,8 @@ BASELINE = {"model.remat_policy": "none", "model.compute_dtype": "float32", "mod
 
 def variants(chunk: int) -> dict[str, dict]:
     """{name: the fields it changes from BASELINE}."""
-    table = {"baseline": {}, f"chunk={chunk}": {"train.loss_chunk_length": chunk}, "pad=128": {"model.vocab_multiple": 128}}
+    table = {"baseline": {}, f"chunk={chunk}": {"train.loss_chunk_length": chunk},
+             "pad=128": {"model.vocab_multiple": 128}}
     table.update({f"remat={p}": {"model.remat_policy": p} for p in REMATS})
     table["bf16"] = {"model.compute_dtype": "bfloat16"}
     table["bf16_moments"] = {"optimizer.mu_dtype": "bfloat16", "optimizer.nu_dtype": "bfloat16"}
@@ -82,8 +83,8 @@ def main() -> None:
         parser.error(f"--variants: unknown {unknown}; choose from {list(table)}")
     device = jax.devices()[0]
     print(f"device {device.platform} ({device.device_kind}), shape dim {args.dim}, {args.layers} layers, "
-          f"{args.heads}/{args.kv_heads} heads, ffn {args.ffn}, vocab {args.vocab}, batch {args.batch} x {args.length}, "
-          f"{args.steps} timed steps, load {os.getloadavg()[0]:.1f}")
+          f"{args.heads}/{args.kv_heads} heads, ffn {args.ffn}, vocab {args.vocab}, "
+          f"batch {args.batch} x {args.length}, {args.steps} timed steps, load {os.getloadavg()[0]:.1f}")
 
     runs = {}
     for name in names:

@@ -96,8 +96,8 @@ def layout_rules(config: ml_collections.ConfigDict, layout: str | None = None, v
         ways = math.prod(dict(zip(MESH_AXES, shape))[a] for a in _axes_of(target))
         if vocab_size % ways:
             logging.warning("vocabulary %d does not divide mesh axes %s (%d ways): the embedding and LM head "
-                            "are not split along vocab (set config.model.vocab_multiple, e.g. 128, to pad and split them)",
-                            vocab_size, target, ways)
+                            "are not split along vocab (set config.model.vocab_multiple, e.g. 128, to pad and "
+                            "split them)", vocab_size, target, ways)
             rules = (("vocab", None),) + rules
     return rules
 
