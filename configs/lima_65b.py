@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.rope_original_max_seq_len = None
     c.model.max_seq_len = 2048
     c.model.tie_embeddings = False
+    # Embedding / LM-head rows padded to a multiple of 128 (32,001 -> 32,128): the vocabulary then splits over
+    # any tensor axis up to 128 ways; the padding's logits are -inf (no loss, never sampled), dropped on export.
+    c.model.vocab_multiple = 128
     # Residual dropout rises linearly from 0 at the first layer to 0.3 at the last (0.2 for smaller models).
     c.model.residual_dropout_max = 0.3
     c.model.param_dtype = "float32"
@@ -66,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.num_epochs = 15
     c.train.grad_accum_steps = 1
     c.train.log_every = 1
+    # The loss's float32 logits made 512 positions at a time (and recomputed in the backward pass), so the
+    # [batch, 2048, 32128] logits never exist at once; the LM head is ~0.4% of a 65B step's FLOPs. 0: off.
+    c.train.loss_chunk_length = 512
     c.train.checkpoint_every_steps = 0  # 0: one checkpoint at the end of every epoch, all kept
     # Each epoch kept for choosing by hand as parameters only (bfloat16, 1/6 of the full state), the full train
     # state only in the newest checkpoint (what a resume needs): "full" keeps every epoch's full state instead.
@@ -89,6 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-8
     c.optimizer.weight_decay = 0.1
     c.optimizer.grad_clip_norm = 0.0  # the paper uses none; set e.g. 1.0 to clip
+    # Adam's moments as stored: "param" (the float32 master weights' dtype), "float32" or "bfloat16" (2 bytes
+    # less per parameter each; nu in bfloat16 needs b2 <= 0.984, see lima_jax/optim.py).
+    c.optimizer.mu_dtype = "param"
+    c.optimizer.nu_dtype = "param"
 
     # Device mesh: one size may be -1 (all remaining devices). Layout: see docs/sharding.md.
     c.mesh = ml_collections.ConfigDict()

@@ -370,10 +370,11 @@ RESUMABLE_MODEL_CHANGES = ("remat_policy", "attention")
 
 def check_resume_matches(stored: dict, model: ModelConfig, where: str) -> None:
     """Raises ConfigError naming every model field where the config differs from what the run's checkpoint was
-    trained with (all of ModelConfig but `RESUMABLE_MODEL_CHANGES`); fields an older checkpoint lacks pass, but
-    for the RoPE scaling, whose absence means plain RoPE."""
+    trained with (all of ModelConfig but `RESUMABLE_MODEL_CHANGES`); a field an older checkpoint lacks had its
+    default then (e.g. `vocab_multiple` 1: no padding), a field without a default passes."""
     current = dataclasses.asdict(model)
-    stored = {**_ABSENT_ROPE, **stored}
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING}
+    stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
     differing = [f"model.{name}: checkpoint {stored[name]!r}, config {value!r}" for name, value in current.items()
                  if name not in RESUMABLE_MODEL_CHANGES and name in stored and stored[name] != value]
     if differing:

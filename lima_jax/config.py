@@ -19,13 +19,19 @@ import ml_collections
 from lima_jax.errors import ConfigError
 from lima_jax.paths import PathLike, as_path
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# model.remat_policy: what the backward pass keeps of each layer's forward (docs/performance.md): "none" keeps
+# everything, "full" nothing (recomputes the layer), "dots" / "dots_no_batch" the matmul outputs, "attention_out"
+# only the attention output (before the output projection).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
 # model.attention: the kernel of `lima_jax.attention`. "blocked" runs everywhere in linear memory (the default);
 # "cudnn", "triton", "tokamax" need a GPU, "splash" a TPU; "reference" materializes the scores.
 ATTENTION_IMPLEMENTATIONS = ("blocked", "reference", "cudnn", "triton", "splash", "tokamax")
 DEFAULT_ATTENTION = "blocked"
 DTYPES = ("float32", "bfloat16", "float16")
 LOSS_ON = ("assistant", "all")
+# optimizer.mu_dtype / optimizer.nu_dtype: Adam's moments as stored; "param": the parameters' dtype (optax's default)
+MOMENT_DTYPES = ("param", "float32", "bfloat16")
+NU_BF16_MIN_STEP = 2.0 ** -6  # smallest 1 - b2 for which a bfloat16 second moment still tracks g**2
 ON_BAD_EXAMPLE = ("error", "skip")
 SNAPSHOT_MODES = ("full", "params")  # train.snapshots
 SNAPSHOT_DTYPES = DTYPES
@@ -67,6 +73,9 @@ class ModelConfig:
     rope_original_max_seq_len: int | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    # Embedding / LM-head rows padded to a multiple of this (the padded logits are -inf, never trained or
+    # sampled, stripped on export): 128 lets the vocabulary split over any tensor axis up to 128 ways.
+    vocab_multiple: int = 1
     residual_dropout_max: float = 0.0
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
@@ -86,13 +95,18 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and LM head: `vocab_size` rounded up to a multiple of `vocab_multiple`."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
     def num_params(self) -> int:
         """Exact parameter count of `lima_jax.model.Llama` built from this config."""
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * self.dim * self.hidden_dim
         per_layer = attn + mlp + 2 * self.dim
-        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
-        return self.vocab_size * self.dim + self.n_layers * per_layer + self.dim + head
+        head = 0 if self.tie_embeddings else self.padded_vocab_size * self.dim
+        return self.padded_vocab_size * self.dim + self.n_layers * per_layer + self.dim + head
 
 
 def rope_problem(rope_type: Any, factor: Any, low_freq_factor: Any, high_freq_factor: Any,
@@ -138,7 +152,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         vocab_size=int(vocab_size if vocab_size is not None else m.vocab_size),
         dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
         hidden_dim=m.hidden_dim, norm_eps=m.norm_eps, rope_theta=m.rope_theta, **_rope_fields(m),
-        max_seq_len=m.max_seq_len, tie_embeddings=m.tie_embeddings,
+        max_seq_len=m.max_seq_len, tie_embeddings=m.tie_embeddings, vocab_multiple=m.get("vocab_multiple", 1),
         residual_dropout_max=m.residual_dropout_max, param_dtype=m.param_dtype,
         compute_dtype=m.compute_dtype, remat_policy=m.remat_policy,
         attention=m.get("attention", DEFAULT_ATTENTION))  # absent in configs written before it existed
@@ -299,6 +313,9 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
         _check(config, False, f"model.{rope[0]}", rope[1])
     _check(config, m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
     _check(config, m.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
+    vocab_multiple = m.get("vocab_multiple", 1)  # absent in a config.json written before it existed
+    _check(config, isinstance(vocab_multiple, int) and not isinstance(vocab_multiple, bool) and vocab_multiple > 0,
+           "model.vocab_multiple", "must be a positive int (embedding rows padded to a multiple of it; 1: no padding)")
     _check(config, m.remat_policy in REMAT_POLICIES, "model.remat_policy", f"must be one of {REMAT_POLICIES}")
     _check(config, m.get("attention", DEFAULT_ATTENTION) in ATTENTION_IMPLEMENTATIONS, "model.attention",
            f"must be one of {ATTENTION_IMPLEMENTATIONS} (\"blocked\": linear-memory XLA attention on every backend; "
@@ -327,6 +344,9 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, packing == "examples" or t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
            f"must divide train.batch_size={t.batch_size} (or use data.packing=\"examples\")")
     _check(config, t.log_every > 0, "train.log_every", "must be positive")
+    chunk = t.get("loss_chunk_length", 0)  # absent in a config.json written before it existed
+    _check(config, isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0, "train.loss_chunk_length",
+           "must be an int >= 0 (sequence positions per chunk of the loss; 0: the whole sequence at once)")
     _check(config, t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: per epoch only)")
     _check(config, t.get("snapshots", "full") in SNAPSHOT_MODES, "train.snapshots", f"must be one of {SNAPSHOT_MODES}")
     _check(config, t.get("snapshot_dtype", "bfloat16") in SNAPSHOT_DTYPES, "train.snapshot_dtype",
@@ -351,6 +371,12 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     _check(config, o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     _check(config, o.grad_clip_norm >= 0, "optimizer.grad_clip_norm", "must be >= 0 (0: off)")
+    for field in ("mu_dtype", "nu_dtype"):  # absent in a config.json written before they existed: "param"
+        _check(config, o.get(field, "param") in MOMENT_DTYPES, f"optimizer.{field}", f"must be one of {MOMENT_DTYPES}")
+    _check(config, o.get("nu_dtype", "param") != "bfloat16" or 1 - o.b2 >= NU_BF16_MIN_STEP, "optimizer.nu_dtype",
+           f"bfloat16 (8 significant bits) cannot store Adam's second moment with b2={o.b2}: each step moves it by "
+           f"(1 - b2) of the gap, below half a bfloat16 ulp, so it stops moving; needs 1 - b2 >= {NU_BF16_MIN_STEP} "
+           "(b2 <= 0.984), or nu_dtype=\"float32\"")
     _check(config, bool(config.tokenizer.path) or not paths, "tokenizer.path",
            "set the tokenizer: a sentencepiece or tiktoken tokenizer.model, a tokenizer.json, or a folder holding one")
     eot = config.tokenizer.get("eot", "new_row")  # absent in a config.json written before it existed: the default

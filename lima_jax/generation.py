@@ -222,7 +222,7 @@ def decode(params: Any, tokens: jax.Array, lengths: jax.Array, limits: jax.Array
 
     state = emit(0, last, {
         "generated": jnp.zeros((b, steps), jnp.int32),
-        "seen": nn.with_logical_constraint(jnp.zeros((b, cfg.vocab_size), bool), ("batch", None)),
+        "seen": nn.with_logical_constraint(jnp.zeros((b, cfg.padded_vocab_size), bool), ("batch", None)),
         "num_generated": jnp.zeros((b,), jnp.int32),
         "reason": jnp.zeros((b,), jnp.int32),
     })

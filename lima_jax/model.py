@@ -24,12 +24,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from lima_jax.attention import attend, attention_mask, grouped_query_attention  # noqa: F401 (re-exported)
 from lima_jax.config import ModelConfig
 
 Array = jax.Array
 _init = nn.initializers.normal(stddev=0.02)
+ATTENTION_OUT = "attention_out"  # checkpoint_name of each layer's attention output (before its projection)
 
 
 def residual_dropout_rates(n_layers: int, p_max: float) -> np.ndarray:
@@ -135,7 +137,7 @@ class Attention(nn.Module):
             k, v, mask, new_cache = _update_kv_cache(kv_cache, k, v, segment_ids)
             out = grouped_query_attention(q, k, v, mask)
         out = _constrain(out, ("batch", "length", "heads", "kv"))
-        out = jnp.einsum("btnh,nhd->btd", out, wo)
+        out = jnp.einsum("btnh,nhd->btd", checkpoint_name(out, ATTENTION_OUT), wo)
         return _constrain(out, ("batch", "length", "embed")), new_cache
 
 
@@ -201,6 +203,7 @@ _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "attention_out": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT),
 }
 
 
@@ -213,14 +216,26 @@ def _layer_class(cfg: ModelConfig):
     return nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
 
 
+def lm_logits(x: Array, head: Array, cfg: ModelConfig) -> Array:
+    """float32 logits [batch, length, padded_vocab] of final hidden states x [batch, length, dim] under the LM
+    head [dim, padded_vocab]; the padding columns (ids >= vocab_size) are -inf, so softmax gives them exactly 0
+    (no loss, no gradient, never sampled)."""
+    logits = jnp.einsum("btd,dv->btv", x, head).astype(jnp.float32)
+    if cfg.padded_vocab_size > cfg.vocab_size:
+        logits = jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, logits, -jnp.inf)
+    return _constrain(logits, ("batch", "length", "vocab"))
+
+
 class Llama(nn.Module):
-    """The LLaMA decoder. `__call__` returns float32 logits [batch, length, vocab] (and the new KV cache)."""
+    """The LLaMA decoder. `__call__` returns float32 logits [batch, length, padded_vocab] (see `lm_logits`) and
+    the new KV cache; with `return_hidden` the final-normed hidden states [batch, length, dim] and the LM head
+    [dim, padded_vocab] instead of the logits, for a loss that applies the head chunk by chunk (`lima_jax.loss`)."""
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens: Array, segment_ids: Array | None = None, positions: Array | None = None,
-                 deterministic: bool = True, kv_cache: dict | None = None):
+                 deterministic: bool = True, kv_cache: dict | None = None, return_hidden: bool = False):
         cfg = self.cfg
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
@@ -228,7 +243,7 @@ class Llama(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
         embedding = self.param("embedding", nn.with_logical_partitioning(_init, ("vocab", "embed")),
-                               (cfg.vocab_size, cfg.dim), jnp.dtype(cfg.param_dtype))
+                               (cfg.padded_vocab_size, cfg.dim), jnp.dtype(cfg.param_dtype))
         x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
         x = _constrain(x, ("batch", "length", "embed"))
 
@@ -245,12 +260,12 @@ class Llama(nn.Module):
 
         x = RMSNorm(cfg, name="final_norm")(x)
         if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(cfg.compute_dtype))
+            head = embedding.astype(cfg.compute_dtype).T
         else:
-            head = _param(self, "lm_head", (cfg.dim, cfg.vocab_size), ("embed", "vocab"), cfg)
-            logits = jnp.einsum("btd,dv->btv", x, head)
-        logits = _constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-        return logits, new_cache
+            head = _param(self, "lm_head", (cfg.dim, cfg.padded_vocab_size), ("embed", "vocab"), cfg)
+        if return_hidden:
+            return (x, head), new_cache
+        return lm_logits(x, head, cfg), new_cache
 
 
 KV_CACHE_AXES = {"k": ("layers", "batch", "length", "kv_heads", "kv"),
@@ -270,20 +285,41 @@ def init_kv_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
     }
 
 
-def resize_vocab(params: dict, new_vocab_size: int) -> dict:
-    """Grows embedding (and LM head) to `new_vocab_size`; new rows are the mean of the existing rows.
+def resize_vocab(params: dict, new_vocab_size: int, old_vocab_size: int | None = None,
+                padded_size: int | None = None) -> dict:
+    """Grows embedding (and LM head) from `old_vocab_size` real rows (default: all rows) to `new_vocab_size`;
+    new rows are the mean of the real rows. Rows past the real ones (a checkpoint's vocabulary padding) are
+    dropped first, and with `padded_size` zero rows are appended up to it (padding: never looked up, its
+    logits masked).
 
     Used when the EOT token is added to a pretrained vocabulary: a mean row starts the new token at the
     centre of the embedding space (a neutral prediction) instead of at a random point.
     """
     params = dict(params)
-    emb = params["embedding"]
-    old = emb.shape[0]
+    old = params["embedding"].shape[0] if old_vocab_size is None else old_vocab_size
     if new_vocab_size < old:
         raise ValueError(f"cannot shrink vocabulary from {old} to {new_vocab_size}")
-    extra = new_vocab_size - old
-    params["embedding"] = jnp.concatenate([emb, jnp.repeat(emb.mean(0, keepdims=True), extra, 0)], 0)
+    padded = new_vocab_size if padded_size is None else padded_size
+    if padded < new_vocab_size:
+        raise ValueError(f"padded size {padded} is below the vocabulary {new_vocab_size}")
+
+    def grow(rows: Array) -> Array:  # [vocab, ...] -> [padded, ...]
+        real = rows[:old]
+        mean_rows = jnp.repeat(real.mean(0, keepdims=True), new_vocab_size - old, 0)
+        zero_rows = jnp.zeros((padded - new_vocab_size, *rows.shape[1:]), rows.dtype)
+        return jnp.concatenate([real, mean_rows, zero_rows], 0)
+
+    params["embedding"] = grow(params["embedding"])
     if "lm_head" in params:
-        head = params["lm_head"]
-        params["lm_head"] = jnp.concatenate([head, jnp.repeat(head.mean(1, keepdims=True), extra, 1)], 1)
+        params["lm_head"] = grow(params["lm_head"].T).T
+    return params
+
+
+def strip_vocab_padding(params: dict, vocab_size: int) -> dict:
+    """The parameters with embedding (and LM head) cut to the real `vocab_size` rows: for export, where the
+    padding rows (`ModelConfig.vocab_multiple`) have no meaning."""
+    params = dict(params)
+    params["embedding"] = params["embedding"][:vocab_size]
+    if "lm_head" in params:
+        params["lm_head"] = params["lm_head"][:, :vocab_size]
     return params

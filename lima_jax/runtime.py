@@ -61,8 +61,9 @@ def build(config: ml_collections.ConfigDict, with_eot: bool = True) -> Runtime:
                           f"{model_cfg.vocab_size} is smaller than the tokenizer's {smallest}"
                           + (" (EOT included)" if with_eot and tokenizer.eot_is_new_row else ""))
     attention.check_backend(model_cfg.attention)  # a GPU/TPU kernel on a backend without it
-    mesh = sharding.make_mesh(config, vocab_size=model_cfg.vocab_size)
-    rules = sharding.layout_rules(config, vocab_size=model_cfg.vocab_size, shape=mesh.devices.shape)
+    # the mesh splits the embedding's rows: the padded vocabulary (model.vocab_multiple) is what must divide
+    mesh = sharding.make_mesh(config, vocab_size=model_cfg.padded_vocab_size)
+    rules = sharding.layout_rules(config, vocab_size=model_cfg.padded_vocab_size, shape=mesh.devices.shape)
     return Runtime(tokenizer, model_cfg, mesh, rules)
 
 
@@ -145,24 +146,30 @@ def check_init_from(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -
 def load_pretrained_params(choice: rundir.CheckpointChoice, model_cfg: ModelConfig, stored: dict, mesh: Mesh,
                            rules: Rules) -> Any:
     """Parameters of a `lima_jax.convert` checkpoint (or another run's), restored straight into their shards
-    and grown to `model_cfg.vocab_size` if the EOT row is new (new rows = mean of the existing rows)."""
-    old_vocab = stored["vocab_size"]
-    abstract = abstract_params(Llama(dataclasses.replace(model_cfg, vocab_size=old_vocab)), mesh, rules)
+    and grown to `model_cfg.vocab_size` if the EOT row is new (new rows = mean of the existing rows), the
+    vocabulary padding re-made for `model_cfg.vocab_multiple` (zero rows) if the checkpoint's differs."""
+    stored_cfg = dataclasses.replace(model_cfg, vocab_size=stored["vocab_size"],
+                                     vocab_multiple=stored.get("vocab_multiple", 1))
+    abstract = abstract_params(Llama(stored_cfg), mesh, rules)
     params, _ = rundir.load_checkpoint_params(choice, abstract)
-    if old_vocab == model_cfg.vocab_size:
+    if stored_cfg.padded_vocab_size == model_cfg.padded_vocab_size and stored_cfg.vocab_size == model_cfg.vocab_size:
         return params
-    logging.info("growing the vocabulary from %d to %d (EOT rows = mean of existing rows)", old_vocab,
-                 model_cfg.vocab_size)
+    logging.info("vocabulary %d (%d rows) -> %d (%d rows; new real rows = mean of the existing rows, padding rows "
+                 "zero)", stored_cfg.vocab_size, stored_cfg.padded_vocab_size, model_cfg.vocab_size,
+                 model_cfg.padded_vocab_size)
     target = jax.tree.map(lambda a: a.sharding, abstract_params(Llama(model_cfg), mesh, rules))
-    return jax.jit(lambda p: resize_vocab(p, model_cfg.vocab_size), out_shardings=target)(params)
+    resize = functools.partial(resize_vocab, new_vocab_size=model_cfg.vocab_size, old_vocab_size=stored_cfg.vocab_size,
+                               padded_size=model_cfg.padded_vocab_size)
+    return jax.jit(resize, out_shardings=target)(params)
 
 
 def load_params(choice: rundir.CheckpointChoice, rt: Runtime) -> Any:
     """A checkpoint's parameters, checked against the runtime's model config and restored straight onto its
-    mesh's shardings; of a training checkpoint only the parameters are read."""
-    check_model_matches(rundir.stored_model_config(choice), rt.model_cfg, f"checkpoint {choice.folder}")
-    params, _ = rundir.load_checkpoint_params(choice, abstract_params(rt.model, rt.mesh, rt.rules))
-    return params
+    mesh's shardings (the vocabulary padding re-made if the checkpoint's `vocab_multiple` differs); of a
+    training checkpoint only the parameters are read."""
+    stored = rundir.stored_model_config(choice)
+    check_model_matches(stored, rt.model_cfg, f"checkpoint {choice.folder}")
+    return load_pretrained_params(choice, rt.model_cfg, stored, rt.mesh, rt.rules)
 
 
 # ----------------------------------------------------------------------------------------------- batch

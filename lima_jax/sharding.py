@@ -96,7 +96,8 @@ def layout_rules(config: ml_collections.ConfigDict, layout: str | None = None, v
         ways = math.prod(dict(zip(MESH_AXES, shape))[a] for a in _axes_of(target))
         if vocab_size % ways:
             logging.warning("vocabulary %d does not divide mesh axes %s (%d ways): the embedding and LM head "
-                            "are not split along vocab (pad the vocabulary to split them)", vocab_size, target, ways)
+                            "are not split along vocab (set config.model.vocab_multiple, e.g. 128, to pad and "
+                            "split them)", vocab_size, target, ways)
             rules = (("vocab", None),) + rules
     return rules
 
@@ -133,7 +134,8 @@ def validate_for_mesh(config: ml_collections.ConfigDict, shape: Sequence[int], v
                       rules: Rules | None = None) -> None:
     """Batch and model dimensions must divide the mesh axes they are split over (checked before compiling).
 
-    `vocab_size` is the model's real vocabulary (the tokenizer's plus EOT when `model.vocab_size` is 0).
+    `vocab_size` is the model's embedding rows: the tokenizer's plus EOT when `model.vocab_size` is 0, padded to
+    a multiple of `model.vocab_multiple` (`ModelConfig.padded_vocab_size`).
     """
     where = _where(config)
     sizes = dict(zip(MESH_AXES, shape))

@@ -19,18 +19,20 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 
 from lima_jax.data.pipeline import BATCH_FIELDS
+from lima_jax.loss import lm_loss_sums
 from lima_jax.model import Llama
 
 TrainState = train_state.TrainState
 
 
-def loss_sums(params: Any, model: Llama, batch: dict, rng: jax.Array | None, deterministic: bool):
-    """(sum of token cross-entropies weighted by `weights`, sum of weights) for one batch."""
-    logits, _ = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"],
-                            deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
-    token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    weights = batch["weights"]
-    return jnp.sum(token_loss * weights), jnp.sum(weights)
+def loss_sums(params: Any, model: Llama, batch: dict, rng: jax.Array | None, deterministic: bool,
+              chunk_length: int = 0):
+    """(sum of token cross-entropies weighted by `weights`, sum of weights) for one batch; the logits made
+    `chunk_length` sequence positions at a time when > 0 (`lima_jax.loss.lm_loss_sums`)."""
+    (hidden, head), _ = model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"],
+                                    deterministic=deterministic, rngs=None if deterministic else {"dropout": rng},
+                                    return_hidden=True)
+    return lm_loss_sums(hidden, head, batch["targets"], batch["weights"], model.cfg, chunk_length)
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -50,10 +52,11 @@ def make_train_step(model: Llama, config: ml_collections.ConfigDict, schedule: o
     The metrics include `state_finite`: whether the updated parameters and optimizer state are all finite.
     """
     accum = config.train.grad_accum_steps
+    chunk_length = config.train.get("loss_chunk_length", 0)  # absent in a config.json written before it existed
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
     def micro_step(params, micro_batch, rng):
-        (loss_sum, count), grads = grad_fn(params, model, micro_batch, rng, False)
+        (loss_sum, count), grads = grad_fn(params, model, micro_batch, rng, False, chunk_length)
         return grads, loss_sum, count
 
     def train_step(state: TrainState, batch: dict):

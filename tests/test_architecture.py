@@ -20,7 +20,7 @@ LAYERS = (
     ("lima_jax.data.__main__", ENTRY),
     ("lima_jax", CORE), ("lima_jax.errors", CORE), ("lima_jax.paths", CORE), ("lima_jax.config", CORE),
     ("lima_jax.tokenizer", CORE), ("lima_jax.model", CORE), ("lima_jax.sharding", CORE), ("lima_jax.optim", CORE),
-    ("lima_jax.attention", CORE),
+    ("lima_jax.attention", CORE), ("lima_jax.loss", CORE),
     ("lima_jax.distributed", CORE), ("lima_jax.data", CORE), ("lima_jax.data.*", CORE), ("lima_jax.records", CORE),
     ("lima_jax.checkpoint", CORE), ("lima_jax.rundir", CORE), ("lima_jax.metrics", CORE), ("lima_jax.manifest", CORE),
     ("lima_jax.runlock", CORE), ("lima_jax.preemption", CORE),

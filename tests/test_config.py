@@ -67,6 +67,9 @@ def test_smaller_models_use_batch_64_and_dropout_0_2():
     ("data.max_line_bytes", 0, "must be a positive int"),
     ("data.max_line_bytes", -1, "must be a positive int"),
     ("train.checkpoint_every_minutes", -1.0, "must be a number >= 0"),
+    ("train.loss_chunk_length", -1, "must be an int >= 0"),
+    ("model.vocab_multiple", 0, "must be a positive int"),
+    ("optimizer.mu_dtype", "float16", "must be one of"),
 ])
 def test_bad_values_name_the_file_and_field(field, value, message):
     c = filled("toy.py")

@@ -146,6 +146,24 @@ def test_hf_round_trip_is_exact(hf_model, exported):
     assert conversion.HuggingFaceSource(original).config == conversion.HuggingFaceSource(hf).config
 
 
+def test_export_strips_the_vocabulary_padding(exported, tmp_path):
+    """A checkpoint with padded embedding / LM head rows (model.vocab_multiple=128: 513 -> 640) exports the
+    same Hugging Face folder as the unpadded one: the real vocabulary's rows only."""
+    import dataclasses
+    from lima_jax.model import resize_vocab
+    lima, hf = exported
+    params, cfg = conversion.load_lima_params(lima)
+    padded_cfg = dataclasses.replace(cfg, vocab_multiple=128)
+    padded = resize_vocab(params, cfg.vocab_size, padded_size=padded_cfg.padded_vocab_size)
+    padded["embedding"] = padded["embedding"].at[cfg.vocab_size:].set(1.0)  # padding rows of any value
+    assert padded["embedding"].shape == (640, cfg.dim)
+    checkpoint.save_params(tmp_path / "padded", jax.tree.map(np.asarray, padded), padded_cfg)
+    convert.main(["to_hf", "--input", str(tmp_path / "padded"), "--tokenizer", str(TOY_TOKENIZER),
+                  "--output", str(tmp_path / "hf"), "--max_shard_gb", "0.0001"])
+    assert _tensors(tmp_path / "hf")["model.embed_tokens.weight"].shape == (513, cfg.dim)
+    assert _snapshot(tmp_path / "hf") == _snapshot(hf)
+
+
 def test_export_tokenizer_and_stop_token(exported):
     import transformers
     from lima_jax.tokenizer import Tokenizer

@@ -71,12 +71,14 @@ def _prompt_ids(tokenizer, texts=PROMPTS):
 
 @jax.jit
 def _full_forward(params, tokens, segment_ids):
-    cfg = model_config(load_config_file(REPO / "configs" / "toy.py"), tokens_vocab(params))
+    cfg = model_config(load_config_file(REPO / "configs" / "toy.py"), toy_vocab())
     return Llama(cfg).apply({"params": params}, tokens, segment_ids)[0]
 
 
-def tokens_vocab(params) -> int:
-    return params["embedding"].shape[0]
+def toy_vocab() -> int:
+    """The toy tokenizer's vocabulary with EOT (the embedding has more rows: model.vocab_multiple padding)."""
+    from lima_jax.tokenizer import Tokenizer
+    return Tokenizer(load_config_file(REPO / "configs" / "toy.py").tokenizer.path).vocab_size
 
 
 def _reference_step_logits(model, params, ids, width=256):

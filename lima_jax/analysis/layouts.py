@@ -135,8 +135,8 @@ def compile_layout(config: ml_collections.ConfigDict, model_cfg: ModelConfig, de
     """(compiled step, model, optimizer, state shardings, batch sharding, mesh) for `config`'s layout: the
     step `lima_jax.training` runs (`jit_train_step`), lowered on the abstract state and batch (`step_rows`
     rows)."""
-    mesh = sharding.make_mesh(config, devices, vocab_size=model_cfg.vocab_size)
-    rules = sharding.layout_rules(config, vocab_size=model_cfg.vocab_size, shape=mesh.devices.shape)
+    mesh = sharding.make_mesh(config, devices, vocab_size=model_cfg.padded_vocab_size)
+    rules = sharding.layout_rules(config, vocab_size=model_cfg.padded_vocab_size, shape=mesh.devices.shape)
     model = Llama(model_cfg)
     tx = make_optimizer(config, total_steps)
     with sharding.activate(mesh, rules):  # as lima_jax.training does

@@ -7,6 +7,7 @@ token and EOT and EOS as stop tokens, and last the marker `output.EXPORT_MARKER`
 streamed out."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Callable, Iterator
@@ -24,6 +25,7 @@ from lima_jax.conversion.source import numpy_dtype, require
 from lima_jax.conversion.tokenizer_export import write_hf_tokenizer
 from lima_jax.errors import ConversionError
 from lima_jax.generation import SamplingConfig
+from lima_jax.model import strip_vocab_padding
 from lima_jax.paths import PathLike, as_path
 from lima_jax.tokenizer import Tokenizer
 
@@ -112,6 +114,12 @@ def load_lima_params(checkpoint: Checkpoint) -> tuple[dict, ModelConfig]:
         raise ConversionError(str(e)) from None
 
 
+def unpadded(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+    """The parameters and config without the vocabulary padding (`ModelConfig.vocab_multiple`): a Hugging Face
+    model has exactly the real vocabulary's rows."""
+    return strip_vocab_padding(params, cfg.vocab_size), dataclasses.replace(cfg, vocab_multiple=1)
+
+
 def export_tokenizer(checkpoint: Checkpoint, tokenizer: PathLike | None = None) -> tuple[epath.Path, str]:
     """(the sentencepiece model to export with `checkpoint`, where it came from): `tokenizer` when given,
     else `config.tokenizer.path` of the training run the checkpoint belongs to."""
@@ -155,6 +163,7 @@ def export_hf(checkpoint: Checkpoint, tokenizer_path: PathLike | None, output: P
     inputs = [given, choice.folder, tokenizer_path]
     check_output(output, overwrite, inputs)  # likewise (creates nothing)
     params, cfg = load_lima_params(choice)
+    params, cfg = unpadded(params, cfg)
     has_eot = cfg.vocab_size == tok.vocab_size
     if not has_eot and cfg.vocab_size != tok.eot_id:
         raise ConversionError(f"{choice.folder}: model vocabulary {cfg.vocab_size} matches neither the tokenizer "
