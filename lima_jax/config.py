@@ -277,3 +277,7 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, o.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     _check(config, o.grad_clip_norm >= 0, "optimizer.grad_clip_norm", "must be >= 0 (0: off)")
     _check(config, bool(config.tokenizer.path) or not paths, "tokenizer.path", "set the sentencepiece .model file")
+    _check(config, bool(config.get("init_from")) or not paths or not config.get("require_init_from", False),
+           "init_from", "this config fine-tunes a pretrained model and require_init_from is set: pass "
+           "--config.init_from=<a `python -m lima_jax.convert` output folder or a run directory> (without it "
+           "training would start from random weights)")
