@@ -74,9 +74,19 @@ def mean_token_loss(model: Any, params: Any, examples: Sequence[data.Example], m
     return total / max(count, 1.0)
 
 
+def answer_lengths(examples: Sequence[data.Example]) -> list[int]:
+    """Tokens of every assistant turn (its EOT included) of `examples` trained on assistant tokens: each turn
+    is one run of consecutive weighted targets."""
+    lengths = []
+    for e in examples:
+        edges = np.diff(np.concatenate([[0], (e.weights > 0).astype(np.int8), [0]]))
+        lengths += (np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)).tolist()
+    return lengths
+
+
 def answer_cap_from_data(examples: Sequence[data.Example], percentile: int = ANSWER_CAP_PERCENTILE) -> int:
-    """The dev-report answer cap sized from the training data: a percentile of each example's answer tokens."""
-    return max(1, int(math.ceil(np.percentile([float(e.weights.sum()) for e in examples], percentile))))
+    """The dev-report answer cap sized from the training data: a percentile of the answers' lengths in tokens."""
+    return max(1, int(math.ceil(np.percentile(answer_lengths(examples), percentile))))
 
 
 def epoch_summary(records: Sequence[dict]) -> dict[str, Any]:

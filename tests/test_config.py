@@ -99,3 +99,16 @@ def test_checkpoint_every_minutes_is_off_by_default_and_may_be_absent_in_an_olde
     assert c.train.checkpoint_every_minutes == 0.0
     del c.train["checkpoint_every_minutes"]  # a run's config.json written before the field existed
     validate(c)
+
+
+def test_stories260k_requires_init_from(repo, tmp_path):
+    """Without init_from configs/stories260k.py would fine-tune a random model: a ConfigError naming the field."""
+    from lima_jax.config import load_config_file, validate
+    from lima_jax.errors import ConfigError
+    config = load_config_file(repo / "configs" / "stories260k.py")
+    config.workdir = str(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"config\.init_from='': .*--config\.init_from="):
+        validate(config)
+    config.init_from = str(tmp_path / "base")
+    validate(config)  # the value is checked when training starts (check_init_from)
+    validate(load_config_file(repo / "configs" / "toy.py"), paths=False)  # toy trains from scratch

@@ -42,7 +42,7 @@ from absl import logging
 
 from lima_jax import cli, convert, data, runtime
 from lima_jax.config import apply_overrides, load_config_file
-from lima_jax.dev_report import dev_report_hook, mean_token_loss
+from lima_jax.dev_report import answer_cap_from_data, answer_lengths, dev_report_hook, mean_token_loss
 from lima_jax.experiments import story_data
 from lima_jax.generation import Generator, SamplingConfig, answer_prompts
 from lima_jax.records import read_prompts, write_jsonl
@@ -129,13 +129,13 @@ class Base:
         return results
 
 
-def heldout_examples(base: Base, path: pathlib.Path) -> list[data.Example]:
+def heldout_examples(base: Base, path: pathlib.Path, count: int = HELDOUT_STORIES) -> list[data.Example]:
     """Held-out story text: stories sampled from the base model itself (temperature 1, no nucleus, no penalty:
     its own distribution) from a bare BOS, cached in `path`; as loss-on-every-token examples."""
     if not path.exists():
         settings = SamplingConfig(temperature=1.0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=HELDOUT_TOKENS,
                                   seed=12345)
-        texts = [t for t, _ in base.complete([""] * HELDOUT_STORIES, settings)]
+        texts = [t for t, _ in base.complete([""] * count, settings)]
         write_jsonl(path, [{"text": t} for t in texts])
     tok = base.rt.tokenizer
     examples = []
@@ -292,7 +292,8 @@ def plot(rows: Sequence[dict], base_loss: float, out: pathlib.Path) -> list[path
     return [first, second]
 
 
-def prepare(out: pathlib.Path, config: ml_collections.ConfigDict) -> tuple[Measure, float]:
+def prepare(out: pathlib.Path, config: ml_collections.ConfigDict, test_prompts: int = 0,
+            heldout_stories: int = HELDOUT_STORIES) -> tuple[Measure, float]:
     """Imports the base model and builds the data if absent; the base model's figures. Returns (Measure, s)."""
     tic = time.perf_counter()
     if not (out / "base").exists():
@@ -301,14 +302,15 @@ def prepare(out: pathlib.Path, config: ml_collections.ConfigDict) -> tuple[Measu
         print(json.dumps(build_data(out / "data"), indent=1))
     base = Base.load(config)
     tok = base.rt.tokenizer
-    heldout = heldout_examples(base, out / "data" / "heldout_stories.jsonl")
+    heldout = heldout_examples(base, out / "data" / "heldout_stories.jsonl", heldout_stories)
     dev_refs = data.load_examples(config.dev_report.reference_path, tok, config.data.max_len).examples
     train_examples = data.load_examples(config.data.train_path, tok, config.data.max_len).examples
-    lengths = [float(e.weights.sum()) for e in train_examples]
-    cap = int(config.dev_report.max_new_tokens) or int(math.ceil(np.percentile(lengths, 99)))
+    lengths = answer_lengths(train_examples)
+    cap = int(config.dev_report.max_new_tokens) or answer_cap_from_data(train_examples)
     prompts = read_prompts(out / "data" / "test.jsonl")
-    subjects = [p.extra.get("subject") or json.loads(line)["subject"]
-                for p, line in zip(prompts, (out / "data" / "test.jsonl").read_text().splitlines())]
+    subjects = [json.loads(line)["subject"] for line in (out / "data" / "test.jsonl").read_text().splitlines()]
+    if test_prompts:  # a reduced run (the slow test): the first N, every request kind among them
+        prompts, subjects = prompts[:test_prompts], subjects[:test_prompts]
     base_path = out / "data" / "base_answers.jsonl"
     if not base_path.exists():
         answers = base.complete([p.turns[0] for p in prompts], SamplingConfig(max_new_tokens=cap, seed=0))
@@ -335,12 +337,14 @@ def base_row(m: Measure, config: ml_collections.ConfigDict) -> dict:
         "pref_vs_base": 0.5}
 
 
-def run(out: pathlib.Path, overrides: Overrides, sweep: bool, name: str = "chosen") -> dict:
-    """The whole experiment (see the module docstring); returns {"rows", "sweep", "wall_s"}."""
+def run(out: pathlib.Path, overrides: Overrides, sweep: bool, name: str = "chosen", test_prompts: int = 0,
+        heldout_stories: int = HELDOUT_STORIES) -> dict:
+    """The whole experiment (see the module docstring); returns {"rows", "sweep", "wall_s", "plots"}.
+    `test_prompts` > 0 measures only the first N test prompts (a reduced run)."""
     tic = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     config = experiment_config(out, name, overrides)
-    m, prep_s = prepare(out, config)
+    m, prep_s = prepare(out, config, test_prompts, heldout_stories)
     print(f"prepared in {prep_s:.0f} s: {len(m.prompts)} test prompts, {len(m.heldout)} held-out stories, base "
           f"held-out loss {m.base_heldout_loss:.3f}, answer cap {m.cap} tokens", flush=True)
     metrics = out / "metrics.jsonl"
@@ -385,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--sweep", action="store_true", help="also train the variants of SWEEP (last epoch measured)")
     r.add_argument("--name", default="chosen", help="the main run's name (its folder under OUT/runs)")
+    r.add_argument("--test_prompts", type=int, default=0, help="measure only the first N test prompts (0: all)")
+    r.add_argument("--heldout_stories", type=cli.positive_int, default=HELDOUT_STORIES,
+                   help="held-out stories sampled from the base model (when OUT/data has none yet)")
     return p
 
 
@@ -395,7 +402,7 @@ def main(argv: list[str]) -> None:
     if args.command == "build-data":
         print(json.dumps(build_data(pathlib.Path(args.out), args.seed, args.train_size), indent=1))
         return
-    run(pathlib.Path(args.out), overrides, args.sweep, args.name)
+    run(pathlib.Path(args.out), overrides, args.sweep, args.name, args.test_prompts, args.heldout_stories)
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def write_story(rng: random.Random, subject: str, kind: str, names: Sequence[tup
                    f"{hero} lived {rng.choice(PLACES)} with {child}.",
                    f"{hero} loved to {rng.choice(PLAYS['animal'])} with {child}."]
         problems = ANIMAL_PROBLEMS
-        opening = opening[:1] + rng.sample(opening[1:], rng.randint(1, 2))
+        opening = opening[:1] + rng.sample(opening[1:], 1)
     else:
         hero = child
         opening = [rng.choice((f"Once upon a time, there was a little {'girl' if pronoun == 'she' else 'boy'} "
@@ -160,7 +160,7 @@ def write_story(rng: random.Random, subject: str, kind: str, names: Sequence[tup
                                f"There was once a child named {child}.")),
                    f"{_cap(pronoun)} loved {pos} {adj} {subject}.",
                    f"Every day, {pronoun} liked to {rng.choice(PLAYS['thing']).format(pos=pos)}."]
-        opening = opening[:1] + opening[1:][:rng.randint(1, 2)]
+        opening = opening[:1] + [rng.choice(opening[1:])]
         problems = PROBLEMS
     problem = problem or rng.choice(sorted(problems))
     body, moral_topic, moral = problems[problem]
@@ -175,7 +175,7 @@ def write_story(rng: random.Random, subject: str, kind: str, names: Sequence[tup
     if first is not None:  # introduce the friend where they first appear ("a girl named Kate", then "Kate")
         middle[first] = middle[first].replace(friend, friend_long, 1)
     with_moral = rng.random() < 0.5 if with_moral is None else with_moral
-    ending = [e.format(**fill) for e in rng.sample(ENDINGS, rng.choice((1, 1, 2)))]
+    ending = [rng.choice(ENDINGS).format(**fill)]
     if with_moral:
         ending.append(moral.format(**fill))
     sentences = [_cap(s) for s in opening + middle + ending]
