@@ -35,10 +35,8 @@ import statistics
 import time
 from typing import Any, Sequence
 
-import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
 from lima_jax import cli, convert, data, runtime
 from lima_jax.config import apply_overrides, load_config_file
@@ -338,7 +336,7 @@ def base_row(m: Measure, config: ml_collections.ConfigDict) -> dict:
 
 
 def run(out: pathlib.Path, overrides: Overrides, sweep: bool, name: str = "chosen", test_prompts: int = 0,
-        heldout_stories: int = HELDOUT_STORIES) -> dict:
+        heldout_stories: int = HELDOUT_STORIES, last_epoch_only: bool = False) -> dict:
     """The whole experiment (see the module docstring); returns {"rows", "sweep", "wall_s", "plots"}.
     `test_prompts` > 0 measures only the first N test prompts (a reduced run)."""
     tic = time.perf_counter()
@@ -349,8 +347,9 @@ def run(out: pathlib.Path, overrides: Overrides, sweep: bool, name: str = "chose
           f"held-out loss {m.base_heldout_loss:.3f}, answer cap {m.cap} tokens", flush=True)
     metrics = out / "metrics.jsonl"
     rows = [base_row(m, config)]
-    metrics.open("a").write(json.dumps(rows[0]) + "\n")
-    rows += train_and_measure(config, m, name, True, metrics)
+    with metrics.open("a") as f:
+        f.write(json.dumps(rows[0]) + "\n")
+    rows += train_and_measure(config, m, name, not last_epoch_only, metrics)
     lines = ["# stories260K fine-tuned on the story requests, per epoch (held-out test prompts)", "",
              f"epoch 0 is the base model (its plain continuations; {rows[0]['base_ended']:.0%} ended by "
              "starting a new story); `pref vs base` is a length/format heuristic, not a judge.", "",
@@ -389,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--sweep", action="store_true", help="also train the variants of SWEEP (last epoch measured)")
     r.add_argument("--name", default="chosen", help="the main run's name (its folder under OUT/runs)")
+    r.add_argument("--last_epoch_only", action="store_true", help="measure the main run at its last epoch only")
     r.add_argument("--test_prompts", type=int, default=0, help="measure only the first N test prompts (0: all)")
     r.add_argument("--heldout_stories", type=cli.positive_int, default=HELDOUT_STORIES,
                    help="held-out stories sampled from the base model (when OUT/data has none yet)")
@@ -402,7 +402,8 @@ def main(argv: list[str]) -> None:
     if args.command == "build-data":
         print(json.dumps(build_data(pathlib.Path(args.out), args.seed, args.train_size), indent=1))
         return
-    run(pathlib.Path(args.out), overrides, args.sweep, args.name, args.test_prompts, args.heldout_stories)
+    run(pathlib.Path(args.out), overrides, args.sweep, args.name, args.test_prompts, args.heldout_stories,
+        args.last_epoch_only)
 
 
 if __name__ == "__main__":
