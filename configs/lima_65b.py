@@ -111,6 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Per-epoch dev-set answers for choosing a checkpoint by hand (the paper looked at epochs 5 to 10).
     c.dev_report = ml_collections.ConfigDict()
     c.dev_report.epochs = (5, 6, 7, 8, 9, 10)
-    c.dev_report.max_new_tokens = 2048
+    c.dev_report.max_new_tokens = 2048  # 0: the 99th percentile of the training answers' lengths
+    c.dev_report.reference_path = ""  # dev conversations with reference answers: per-epoch dev perplexity
     c.dev_report.batch_size = 8  # dev prompts answered per batch
     return c

@@ -383,3 +383,7 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, isinstance(eot, str) and bool(eot), "tokenizer.eot",
            "must be \"new_row\" (a new id after the tokenizer's: the paper's recipe) or the name of one of the "
            "tokenizer's special tokens, e.g. \"<|eot_id|>\" (docs/model.md)")
+    _check(config, bool(config.get("init_from")) or not paths or not config.get("require_init_from", False),
+           "init_from", "this config fine-tunes a pretrained model and require_init_from is set: pass "
+           "--config.init_from=<a `python -m lima_jax.convert` output folder or a run directory> (without it "
+           "training would start from random weights)")

@@ -29,6 +29,8 @@ LAYERS = (
     ("lima_jax.evaluation", WORKFLOW), ("lima_jax.evaluation.*", WORKFLOW),
     ("lima_jax.conversion", WORKFLOW), ("lima_jax.conversion.*", WORKFLOW),
     ("lima_jax.analysis", WORKFLOW), ("lima_jax.analysis.*", WORKFLOW),
+    ("lima_jax.experiments.small_lima", ENTRY),
+    ("lima_jax.experiments", WORKFLOW), ("lima_jax.experiments.*", WORKFLOW),
     ("lima_jax.cli", ENTRY), ("lima_jax.train", ENTRY), ("lima_jax.generate", ENTRY), ("lima_jax.report", ENTRY),
     ("lima_jax.eval", ENTRY), ("lima_jax.convert", ENTRY), ("lima_jax.layouts", ENTRY), ("lima_jax.bench", ENTRY),
     ("lima_jax.verify", ENTRY),

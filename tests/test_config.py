@@ -171,3 +171,16 @@ def test_rope_fields_may_be_absent_in_an_older_config_json(tmp_path):
     old = load_config_file(tmp_path / "config.json")
     validate(old)
     assert model_config(old, vocab_size=513) == model_config(filled("toy.py"), vocab_size=513)
+
+
+def test_stories260k_requires_init_from(repo, tmp_path):
+    """Without init_from configs/stories260k.py would fine-tune a random model: a ConfigError naming the field."""
+    from lima_jax.config import load_config_file, validate
+    from lima_jax.errors import ConfigError
+    config = load_config_file(repo / "configs" / "stories260k.py")
+    config.workdir = str(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"config\.init_from='': .*--config\.init_from="):
+        validate(config)
+    config.init_from = str(tmp_path / "base")
+    validate(config)  # the value is checked when training starts (check_init_from)
+    validate(load_config_file(repo / "configs" / "toy.py"), paths=False)  # toy trains from scratch
