@@ -57,9 +57,9 @@ def _stats(args: argparse.Namespace) -> None:
     from lima_jax.data.stats import compute_stats, format_stats, write_histogram
 
     tokenizer = _open_tokenizer(args)
-    print(f"tokenizer: {tokenizer.describe()}")
     report = load_examples(args.data, tokenizer, args.max_len, args.loss_on, args.on_bad_example,
                            max_line_bytes=args.max_line_bytes or MAX_LINE_BYTES)
+    print(f"tokenizer: {tokenizer.describe()}")  # after the data loaded: bad input prints only its error
     stats = compute_stats(args.data, report, args.max_len, args.batch_size, args.num_epochs, args.seed,
                           args.row_multiple)
     print(format_stats(stats))
