@@ -14,7 +14,6 @@ def filled(name: str):
     config.workdir = config.workdir or "/tmp/unused"
     config.data.train_path = config.data.train_path or "/data/train.jsonl"
     config.tokenizer.path = config.tokenizer.path or "/llama/tokenizer.model"
-    config.init_from = config.init_from or "/ckpt/pretrained"  # required by presets with require_init_from
     return config
 
 
