@@ -172,8 +172,7 @@ def test_train_step_loss_and_gradients_blocked_equal_reference():
 
     def loss_and_grads(name):
         model = Llama(dataclasses.replace(cfg, attention=name))
-        grad = jax.grad(lambda p: loss_sums(p, model, batch, None, True)[0] / 45.0)
-        return loss_sums(params, model, batch, None, True)[0], grad(params)
+        return jax.jit(jax.value_and_grad(lambda p: loss_sums(p, model, batch, None, True)[0] / 45.0))(params)
 
     ref_loss, ref_grads = loss_and_grads("reference")
     loss, grads = loss_and_grads("blocked")
