@@ -11,9 +11,10 @@ residual dropout on); PyTorch runs `LlamaForCausalLM` (SDPA attention, no dropou
 process, so --threads also pins the process to that many cores with sched_setaffinity). Prints the median
 step time of each and the ratio lima_jax / torch (< 1: lima_jax faster).
 
---xla_flags: extra XLA_FLAGS for this run (set before jax is imported), e.g. to try a CPU flag; the ratio to
-torch, measured in the same process, is what to compare between runs on a loaded machine. Needs torch and
-transformers (`pip install "lima_jax[parity]"`).
+--xla_flags=FLAGS (with "=", as the value starts with --): extra XLA_FLAGS for this run, set before jax is
+imported, e.g. --xla_flags=--xla_cpu_use_xnnpack=true; compare the ratio to torch between runs (on a machine
+with spare cores: on an oversubscribed one torch's OpenMP pool slows down far more than XLA's, use --threads 1).
+Needs torch and transformers (`pip install "lima_jax[parity]"`).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from lima_jax import data
+from lima_jax import data, training
 from lima_jax.config import ConfigError, model_config
 from lima_jax.model import Llama
 from lima_jax.optim import learning_rate_schedule
@@ -172,3 +172,24 @@ def test_metrics_of_an_interrupted_run_after_the_resume_point_are_dropped(tmp_pa
     resumed.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path).values()] == [(1, 1.0), (2, 2.0), (3, 3.0),
                                                                                   (4, 40.0)]
+
+
+@pytest.mark.parametrize("every", [2, 3])
+def test_a_diverged_step_is_caught_before_any_later_save(toy_config, monkeypatch, every):
+    """Metrics are read a step late: step 3's NaN must still stop the run before the save at step 4 (every=2),
+    and a step that is itself due to be saved is checked before its save (every=3)."""
+    original = training.jit_train_step
+
+    def nan_at_step_3(*args, **kwargs):
+        step_fn = original(*args, **kwargs)
+
+        def step(state, batch):
+            state, metrics = step_fn(state, batch)
+            return state, {**metrics, "loss": jnp.where(state.step == 3, jnp.nan, metrics["loss"])}
+        return step
+
+    monkeypatch.setattr(training, "jit_train_step", nan_at_step_3)
+    toy_config.train.checkpoint_every_steps = every
+    with pytest.raises(TrainingDiverged, match="diverged at epoch 1 step 3: loss nan"):
+        train(toy_config)
+    assert finished_checkpoints(toy_config.workdir) == ([2] if every == 2 else [])
