@@ -18,6 +18,9 @@ setup(
         "optax>=0.2.8,<0.4",
         "orbax-checkpoint>=0.12,<0.14",
         "sentencepiece>=0.2,<0.3",
+        # LLaMA-3 tokenizers: tokenizer.json (tokenizers), Meta's tiktoken tokenizer.model (tiktoken).
+        "tokenizers>=0.20,<1",
+        "tiktoken>=0.7,<1",
         "tensorflow-datasets>=4.9.10,<5",
         "array_record>=0.8",
         "ml-collections>=1.1,<2",
@@ -40,5 +43,7 @@ setup(
         "parity": ["torch>=2.4", "transformers>=4.45", "safetensors>=0.4", "tokenizers>=0.20", "protobuf>=4"],
         # Ahead-of-time compilation for TPU topologies from a CPU host.
         "tpu": ["jax[tpu]>=0.10,<0.12"],
+        # model.attention="tokamax": its GPU flash-attention kernels (imports on CPU too, runs on GPU only).
+        "tokamax": ["tokamax>=0.0.12,<0.1"],
     },
 )

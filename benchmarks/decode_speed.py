@@ -38,10 +38,10 @@ def main() -> None:
     from lima_jax.config import load_config_file, model_config
     from lima_jax.generation import Generator, SamplingConfig
     from lima_jax.model import Llama
-    from lima_jax.tokenizer import Tokenizer
+    from lima_jax.tokenizer import load_tokenizer
 
     config = load_config_file(args.config)
-    tokenizer = Tokenizer(config.tokenizer.path)
+    tokenizer = load_tokenizer(config)
     cfg = model_config(config, tokenizer.vocab_size)
     model = Llama(cfg)
     params = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]))(

@@ -25,6 +25,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.hidden_dim = 22016
     c.model.norm_eps = 1e-6
     c.model.rope_theta = 10000.0
+    # RoPE scaling (LLaMA-3.1/3.2 presets): "default" none, or "llama3" with the four parameters below.
+    c.model.rope_type = "default"
+    c.model.rope_scaling_factor = None
+    c.model.rope_low_freq_factor = None
+    c.model.rope_high_freq_factor = None
+    c.model.rope_original_max_seq_len = None
     c.model.max_seq_len = 2048
     c.model.tie_embeddings = False
     # Embedding / LM-head rows padded to a multiple of 128 (32,001 -> 32,128): the vocabulary then splits over
@@ -35,9 +41,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.compute_dtype = "bfloat16"
     c.model.remat_policy = "full"
+    # Attention kernel (docs/performance.md): "blocked" runs on every backend in memory linear in the row
+    # length; "splash" (TPU) and "cudnn" / "triton" / "tokamax" (GPU) are fused kernels.
+    c.model.attention = "blocked"
 
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.path = ""  # LLaMA's sentencepiece tokenizer.model
+    c.tokenizer.path = ""  # LLaMA's tokenizer.model (or a folder, or a LLaMA-3 tokenizer.json: docs/model.md)
+    # The end-of-turn token: "new_row" (a new id after the tokenizer's, the paper's recipe) or the name of one of
+    # the tokenizer's special tokens, e.g. "<|eot_id|>" for LLaMA-3 (no vocabulary growth).
+    c.tokenizer.eot = "new_row"
 
     c.data = ml_collections.ConfigDict()
     c.data.train_path = ""  # 1,000 examples (1,030 with the dialogue chains)
@@ -66,6 +78,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.snapshots = "params"
     c.train.snapshot_dtype = "bfloat16"
     c.train.checkpoint_every_minutes = 0.0  # > 0: also a mid-epoch checkpoint once this long since the last save
+    # Mid-epoch checkpoints written in the background while training goes on (sealed once written); the
+    # end-of-epoch and preemption checkpoints are always written before the loop goes on. False: all synchronous.
+    c.train.async_checkpointing = True
     c.train.resume_step = 0  # 0: resume from the newest verified checkpoint; N: from checkpoints/N
     # The workdir's run lock (docs/training.md): heartbeat every 60 s; one older than 600 s is stale.
     c.train.lock_heartbeat_s = 60.0
@@ -96,6 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Per-epoch dev-set answers for choosing a checkpoint by hand (the paper looked at epochs 5 to 10).
     c.dev_report = ml_collections.ConfigDict()
     c.dev_report.epochs = (5, 6, 7, 8, 9, 10)
-    c.dev_report.max_new_tokens = 2048
+    c.dev_report.max_new_tokens = 2048  # 0: the 99th percentile of the training answers' lengths
+    c.dev_report.reference_path = ""  # dev conversations with reference answers: per-epoch dev perplexity
     c.dev_report.batch_size = 8  # dev prompts answered per batch
     return c

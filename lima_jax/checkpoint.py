@@ -6,7 +6,8 @@ with `train.snapshots="full"` all are kept (LIMA picks the epoch by reading dev-
 the training loop keeps each epoch as a parameter snapshot and removes older full states. Orbax finalizes a
 save only when it is complete (a renamed temporary folder locally, a commit marker on object stores), so a
 crash never leaves a checkpoint that looks finished. All hosts
-call save/restore together; each writes and reads only its own shards.
+call save/restore together; each writes and reads only its own shards. `start_save` writes in the background
+(orbax async: the loop goes on once the arrays are copied off the devices); `finish_save` waits and seals.
 
 Parameter checkpoints (`save_params` / `restore_params`): a folder with `params/` (orbax) and
 `model.json` (the ModelConfig): what `lima_jax.convert` writes and `config.init_from` reads.
@@ -32,7 +33,7 @@ from absl import logging
 from etils import epath
 
 from lima_jax import distributed, manifest
-from lima_jax.config import ModelConfig
+from lima_jax.config import LLAMA3_ROPE_FIELDS, ModelConfig
 from lima_jax.errors import CheckpointError, ConfigError
 from lima_jax.paths import PathLike, as_path
 
@@ -114,24 +115,58 @@ def is_train_step_folder(folder: PathLike) -> bool:
 
 
 class TrainCheckpoints:
-    """Per-epoch (and optionally periodic) training checkpoints under `directory`; only `delete` removes one."""
+    """Per-epoch (and optionally periodic) training checkpoints under `directory`; only `delete` removes one.
+
+    `save` writes and seals one checkpoint before it returns. `start_save` returns once orbax holds a host copy
+    of the arrays (so the caller may update or donate them) and writes them in the background; `finish_save`
+    waits for that write and seals it. At most one save is in flight (`pending_step`); a folder whose save is in
+    flight has no manifest, so nothing takes it for complete until `finish_save` sealed it."""
 
     def __init__(self, directory: PathLike):
         self.directory = as_path(directory)
         self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True),
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
+                                                                 enable_async_checkpointing=True),
             item_names=("state", "meta"))
+        self.pending_step: int | None = None
+        self._pending_since = 0.0
+        self.last_blocking_s = self.last_save_s = self.last_seal_s = 0.0
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        """Writes and seals the checkpoint of `step` (an in-flight save is finished first)."""
+        self.start_save(step, state, meta)
+        self.finish_save()
+
+    def start_save(self, step: int, state: Any, meta: dict) -> None:
+        """Starts writing the checkpoint of `step`; returns once the arrays are copied off the devices (every
+        host calls it together). An earlier save still in flight is finished and sealed first."""
+        self.finish_save()
         tic = time.perf_counter()
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)))
+        self.pending_step, self._pending_since = step, tic
+        self.last_blocking_s = time.perf_counter() - tic
+
+    def written_here(self) -> bool:
+        """Whether this host's part of the save in flight is written (True when none is): a local view, to be
+        agreed on by all hosts before anyone calls `finish_save` on its strength."""
+        return self.pending_step is None or not self.manager.is_saving_in_progress()
+
+    def finish_save(self) -> int | None:
+        """Waits for the save in flight, then seals it (every host calls it together); its step, or None when no
+        save was in flight. A save that failed raises here, unsealed."""
+        step = self.pending_step
+        if step is None:
+            return None
+        self.pending_step = None  # a failed write stays unsealed: resuming sets it aside
         self.manager.wait_until_finished()
+        self.manager.check_for_errors()
         saved = time.perf_counter()
         seal(self.step_folder(step))
-        self.last_save_s, self.last_seal_s = saved - tic, time.perf_counter() - saved
-        logging.info("checkpoint %s: written in %.2f s, checksums in %.2f s", self.step_folder(step),
-                     self.last_save_s, self.last_seal_s)
+        self.last_save_s, self.last_seal_s = saved - self._pending_since, time.perf_counter() - saved
+        logging.info("checkpoint %s: written in %.2f s (%.2f s of it blocking the loop), checksums in %.2f s",
+                     self.step_folder(step), self.last_save_s, self.last_blocking_s, self.last_seal_s)
+        return step
 
     def step_folder(self, step: int) -> epath.Path:
         return self.directory / str(step)
@@ -173,6 +208,10 @@ class TrainCheckpoints:
         return restored["meta"]
 
     def close(self) -> None:
+        """Closes the manager; a save still in flight (the loop ended by an error) is written but not sealed."""
+        if self.pending_step is not None:
+            logging.warning("checkpoint %s: the run ended while it was being written; it is left without a "
+                            "manifest, so resuming sets it aside", self.step_folder(self.pending_step))
         self.manager.close()
 
 
@@ -301,7 +340,9 @@ def restore_train_params(step_dir: PathLike, abstract_params: Any = None) -> tup
 # Fields that change what the network computes; a mismatch would load fine and silently compute another
 # function (vocab_size is checked separately: a pretrained model may lack the EOT row).
 ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "tie_embeddings", "rope_theta",
-                       "norm_eps")
+                       "rope_type", *LLAMA3_ROPE_FIELDS, "norm_eps")
+# What a model.json written before the RoPE scaling fields existed means by their absence: plain RoPE.
+_ABSENT_ROPE = {"rope_type": "default", **{field: None for field in LLAMA3_ROPE_FIELDS}}
 
 
 def check_model_matches(stored: dict, model: ModelConfig, where: str, allow_smaller_vocab: bool = False) -> None:
@@ -309,6 +350,7 @@ def check_model_matches(stored: dict, model: ModelConfig, where: str, allow_smal
 
     With `allow_smaller_vocab` the checkpoint may lack rows the config has (the EOT row of a pretrained
     model, added on load by `model.resize_vocab`)."""
+    stored = {**_ABSENT_ROPE, **stored}
     for field in ARCHITECTURE_FIELDS:
         if stored[field] != getattr(model, field):
             raise ConfigError(f"{where}: checkpoint has model.{field}={stored[field]}, the config has "
@@ -323,7 +365,7 @@ def check_model_matches(stored: dict, model: ModelConfig, where: str, allow_smal
 
 
 # Fields that may differ on resume: they change memory use and speed, not what the network computes.
-RESUMABLE_MODEL_CHANGES = ("remat_policy",)
+RESUMABLE_MODEL_CHANGES = ("remat_policy", "attention")
 
 
 def check_resume_matches(stored: dict, model: ModelConfig, where: str) -> None:

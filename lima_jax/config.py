@@ -23,6 +23,10 @@ from lima_jax.paths import PathLike, as_path
 # everything, "full" nothing (recomputes the layer), "dots" / "dots_no_batch" the matmul outputs, "attention_out"
 # only the attention output (before the output projection).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
+# model.attention: the kernel of `lima_jax.attention`. "blocked" runs everywhere in linear memory (the default);
+# "cudnn", "triton", "tokamax" need a GPU, "splash" a TPU; "reference" materializes the scores.
+ATTENTION_IMPLEMENTATIONS = ("blocked", "reference", "cudnn", "triton", "splash", "tokamax")
+DEFAULT_ATTENTION = "blocked"
 DTYPES = ("float32", "bfloat16", "float16")
 LOSS_ON = ("assistant", "all")
 # optimizer.mu_dtype / optimizer.nu_dtype: Adam's moments as stored; "param": the parameters' dtype (optax's default)
@@ -39,6 +43,11 @@ LEGACY_PACKING = {False: "none", True: "rows"}
 # config.json); configs/lima_65b.py sets the same values.
 LOCK_HEARTBEAT_S = 60.0
 LOCK_STALE_S = 600.0
+# model.rope_type: "default" (plain RoPE) or "llama3" (LLaMA-3.1/3.2's frequency scaling, with the four
+# ModelConfig fields below; docs/model.md).
+ROPE_TYPES = ("default", "llama3")
+LLAMA3_ROPE_FIELDS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                      "rope_original_max_seq_len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +62,15 @@ class ModelConfig:
     hidden_dim: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # RoPE frequency scaling (`model.rope_frequencies`): "default" none; "llama3" (LLaMA-3.1/3.2) divides the
+    # frequencies whose wavelength exceeds rope_original_max_seq_len / rope_low_freq_factor by
+    # rope_scaling_factor, keeps those below rope_original_max_seq_len / rope_high_freq_factor and blends
+    # between. The four parameters are None with "default" (and in a model.json written before them).
+    rope_type: str = "default"
+    rope_scaling_factor: float | None = None
+    rope_low_freq_factor: float | None = None
+    rope_high_freq_factor: float | None = None
+    rope_original_max_seq_len: int | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     # Embedding / LM-head rows padded to a multiple of this (the padded logits are -inf, never trained or
@@ -62,6 +80,16 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat_policy: str = "none"
+    attention: str = DEFAULT_ATTENTION
+
+    def __post_init__(self):
+        problem = rope_problem(self.rope_type, *(getattr(self, f) for f in LLAMA3_ROPE_FIELDS))
+        if problem is None and self.rope_type == "default":
+            given = [f for f in LLAMA3_ROPE_FIELDS if getattr(self, f) is not None]
+            problem = (given[0], "is only used with rope_type='llama3': None with 'default'") if given else None
+        if problem is not None:
+            field, message = problem
+            raise ConfigError(f"ModelConfig.{field}={getattr(self, field)!r}: {message}")
 
     @property
     def head_dim(self) -> int:
@@ -81,16 +109,53 @@ class ModelConfig:
         return self.padded_vocab_size * self.dim + self.n_layers * per_layer + self.dim + head
 
 
+def rope_problem(rope_type: Any, factor: Any, low_freq_factor: Any, high_freq_factor: Any,
+                 original_max_seq_len: Any) -> tuple[str, str] | None:
+    """(ModelConfig field, what is wrong) for the first illegal RoPE setting, None when legal. With "default"
+    the four scaling parameters are not read."""
+    if rope_type not in ROPE_TYPES:
+        return "rope_type", f"must be one of {ROPE_TYPES}"
+    if rope_type == "default":
+        return None
+    if not (_is_number(factor) and factor >= 1):
+        return "rope_scaling_factor", ("must be a number >= 1 with rope_type='llama3' (LLaMA-3.1: 8, LLaMA-3.2 "
+                                       "1B/3B: 32)")
+    if not (_is_number(low_freq_factor) and low_freq_factor > 0):
+        return "rope_low_freq_factor", "must be a number > 0 with rope_type='llama3' (LLaMA-3.1/3.2: 1)"
+    if not (_is_number(high_freq_factor) and high_freq_factor > low_freq_factor):
+        return "rope_high_freq_factor", (f"must be a number > rope_low_freq_factor={low_freq_factor!r} with "
+                                         "rope_type='llama3' (LLaMA-3.1/3.2: 4)")
+    if not (isinstance(original_max_seq_len, int) and not isinstance(original_max_seq_len, bool)
+            and original_max_seq_len > 0):
+        return "rope_original_max_seq_len", ("must be a positive int with rope_type='llama3': the context of "
+                                             "pretraining before the scaling (LLaMA-3: 8192)")
+    return None
+
+
+def _rope_fields(m: ml_collections.ConfigDict) -> dict[str, Any]:
+    """ModelConfig's RoPE scaling fields of `config.model`: the four parameters only with "llama3" (None with
+    "default", whatever the config holds, so an override --config.model.rope_type=default suffices); "default"
+    for a config.json written before the fields existed."""
+    rope_type = m.get("rope_type", "default")
+    if rope_type == "default":
+        return {"rope_type": rope_type}
+    values = {f: m.get(f) for f in LLAMA3_ROPE_FIELDS}
+    for f in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+        values[f] = float(values[f]) if _is_number(values[f]) else values[f]
+    return {"rope_type": rope_type, **values}
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
     """Typed model config from `config.model`; `vocab_size` overrides (tokenizer size incl. EOT)."""
     m = config.model
     return ModelConfig(
         vocab_size=int(vocab_size if vocab_size is not None else m.vocab_size),
         dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
-        hidden_dim=m.hidden_dim, norm_eps=m.norm_eps, rope_theta=m.rope_theta,
+        hidden_dim=m.hidden_dim, norm_eps=m.norm_eps, rope_theta=m.rope_theta, **_rope_fields(m),
         max_seq_len=m.max_seq_len, tie_embeddings=m.tie_embeddings, vocab_multiple=m.get("vocab_multiple", 1),
         residual_dropout_max=m.residual_dropout_max, param_dtype=m.param_dtype,
-        compute_dtype=m.compute_dtype, remat_policy=m.remat_policy)
+        compute_dtype=m.compute_dtype, remat_policy=m.remat_policy,
+        attention=m.get("attention", DEFAULT_ATTENTION))  # absent in configs written before it existed
 
 
 def packing_mode(value: Any) -> str:
@@ -243,12 +308,20 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", f"must divide n_heads={m.n_heads}")
     _check(config, 0.0 <= m.residual_dropout_max < 1.0, "model.residual_dropout_max", "must be in [0, 1)")
     _check(config, m.rope_theta > 0, "model.rope_theta", "must be positive")
+    rope = rope_problem(m.get("rope_type", "default"), *(m.get(f) for f in LLAMA3_ROPE_FIELDS))
+    if rope is not None:
+        _check(config, False, f"model.{rope[0]}", rope[1])
     _check(config, m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
     _check(config, m.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
     vocab_multiple = m.get("vocab_multiple", 1)  # absent in a config.json written before it existed
     _check(config, isinstance(vocab_multiple, int) and not isinstance(vocab_multiple, bool) and vocab_multiple > 0,
            "model.vocab_multiple", "must be a positive int (embedding rows padded to a multiple of it; 1: no padding)")
     _check(config, m.remat_policy in REMAT_POLICIES, "model.remat_policy", f"must be one of {REMAT_POLICIES}")
+    _check(config, m.get("attention", DEFAULT_ATTENTION) in ATTENTION_IMPLEMENTATIONS, "model.attention",
+           f"must be one of {ATTENTION_IMPLEMENTATIONS} (\"blocked\": linear-memory XLA attention on every backend; "
+           "\"cudnn\" / \"triton\" / \"tokamax\": GPU kernels; \"splash\": TPU; \"reference\": the plain formula)")
+    _check(config, m.get("attention") != "cudnn" or m.compute_dtype != "float32", "model.attention",
+           "\"cudnn\" takes bfloat16 or float16 only: set model.compute_dtype=bfloat16 or use \"blocked\"")
     d = config.data
     _check(config, bool(d.train_path) or not paths, "data.train_path", "set the training JSONL file")
     _check(config, d.max_len > 1, "data.max_len", "must be > 1")
@@ -281,6 +354,8 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     minutes = t.get("checkpoint_every_minutes", 0.0)  # absent in a config.json written before it existed
     _check(config, _is_number(minutes) and minutes >= 0, "train.checkpoint_every_minutes",
            "must be a number >= 0 (minutes between time-based mid-epoch checkpoints; 0: off)")
+    _check(config, isinstance(t.get("async_checkpointing", True), bool), "train.async_checkpointing",
+           "must be true or false (true: mid-epoch checkpoints are written in the background while training goes on)")
     _check(config, t.get("resume_step", 0) >= 0, "train.resume_step", "must be >= 0 (0: the newest checkpoint)")
     heartbeat_s, stale_s = lock_timing(config)
     _check(config, _is_number(heartbeat_s) and heartbeat_s > 0, "train.lock_heartbeat_s",
@@ -302,4 +377,13 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
            f"bfloat16 (8 significant bits) cannot store Adam's second moment with b2={o.b2}: each step moves it by "
            f"(1 - b2) of the gap, below half a bfloat16 ulp, so it stops moving; needs 1 - b2 >= {NU_BF16_MIN_STEP} "
            "(b2 <= 0.984), or nu_dtype=\"float32\"")
-    _check(config, bool(config.tokenizer.path) or not paths, "tokenizer.path", "set the sentencepiece .model file")
+    _check(config, bool(config.tokenizer.path) or not paths, "tokenizer.path",
+           "set the tokenizer: a sentencepiece or tiktoken tokenizer.model, a tokenizer.json, or a folder holding one")
+    eot = config.tokenizer.get("eot", "new_row")  # absent in a config.json written before it existed: the default
+    _check(config, isinstance(eot, str) and bool(eot), "tokenizer.eot",
+           "must be \"new_row\" (a new id after the tokenizer's: the paper's recipe) or the name of one of the "
+           "tokenizer's special tokens, e.g. \"<|eot_id|>\" (docs/model.md)")
+    _check(config, bool(config.get("init_from")) or not paths or not config.get("require_init_from", False),
+           "init_from", "this config fine-tunes a pretrained model and require_init_from is set: pass "
+           "--config.init_from=<a `python -m lima_jax.convert` output folder or a run directory> (without it "
+           "training would start from random weights)")

@@ -74,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int | None:
         conversion.check_output(args.output, args.overwrite, [args.input])  # before the source is opened
         cfg = conversion.import_checkpoint(_SOURCES[args.command](args.input), args.output, args.dtype,
                                            overwrite=args.overwrite)
-    print(f"{args.command}: wrote {args.output} ({cfg.num_params():,} parameters, {cfg.param_dtype}) in "
+    print(f"{args.command}: wrote {args.output} ({cfg.num_params():,} parameters, {cfg.param_dtype}, "
+          f"{conversion.describe_rope(cfg)}) in "
           f"{time.perf_counter() - tic:.1f} s, peak host memory {_peak_rss_mib():.0f} MiB")
     return None
 

@@ -9,7 +9,14 @@ checkpoint), one training checkpoint `workdir/checkpoints/<step>`, or a paramete
 training override has to be repeated; `--config.a.b=v` overrides any field either way.
 
 Sampling defaults are LIMA's: nucleus p=0.9, temperature 0.7, repetition penalty 1.2 on generated tokens
-only, at most 2,048 new tokens, stop at EOT. The output schema is described in `lima_jax.records`.
+only, at most 2,048 new tokens, stop at EOT (or EOS). The output schema is described in `lima_jax.records`.
+
+`--prompt_format=completion` samples a base model (an import, which has no EOT row): each prompt is one text,
+encoded as `<bos> text` with no turn format, and the model continues it until EOS. Its answers are an answer
+file like any other, so base and fine-tuned models' answers to the same prompts compare with `lima_jax.eval`:
+
+    python -m lima_jax.generate --config configs/stories260k.py --checkpoint /tmp/s260k \
+        --prompt_format=completion --prompts P --out base.jsonl
 """
 from __future__ import annotations
 
@@ -18,8 +25,8 @@ import jax
 from lima_jax import cli, rundir
 from lima_jax.config import validate
 from lima_jax.generation import SamplingConfig, answer_prompts, build_generator
-from lima_jax.records import STOP_REASONS, check_prompts_fit, read_prompts, write_jsonl
-from lima_jax.tokenizer import Tokenizer
+from lima_jax.records import PROMPT_FORMATS, STOP_REASONS, check_prompts_fit, read_prompts, write_jsonl
+from lima_jax.tokenizer import load_tokenizer
 
 
 def build_parser():
@@ -37,6 +44,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--batch_size", type=int, default=8, help="rows per batch (rounded up to the data ways)")
     p.add_argument("--no_cache", action="store_true", help="recompute the full forward pass every step")
+    p.add_argument("--prompt_format", choices=PROMPT_FORMATS, default="chat",
+                   help="chat: lima_jax's turn format, the model answers as the assistant; completion: plain text "
+                   "continued until EOS, for a base model (one text per prompt)")
     cli.add_distributed_flags(p)
     return p
 
@@ -53,11 +63,13 @@ def main(argv: list[str]) -> None:
     settings.validate()
     validate(config, paths=False)
     prompts = read_prompts(args.prompts)  # bad input fails here, before the model is loaded
-    check_prompts_fit(prompts, Tokenizer(config.tokenizer.path), config.model.max_seq_len)
+    tokenizer = load_tokenizer(config)
+    print(f"tokenizer: {tokenizer.describe()}", flush=True)
+    check_prompts_fit(prompts, tokenizer, config.model.max_seq_len, args.prompt_format)
     choice = rundir.resolve_checkpoint(args.checkpoint)
-    print(f"checkpoint: {choice.describe()}", flush=True)
-    generator = build_generator(config, choice, args.batch_size, not args.no_cache)
-    records = answer_prompts(generator, prompts, settings)
+    print(f"checkpoint: {choice.describe()}; prompt format: {args.prompt_format}", flush=True)
+    generator = build_generator(config, choice, args.batch_size, not args.no_cache, args.prompt_format)
+    records = answer_prompts(generator, prompts, settings, args.prompt_format)
     if jax.process_index() == 0:
         write_jsonl(args.out, records)
         reasons = {r: sum(rec["stop_reason"] == r for rec in records) for r in STOP_REASONS[1:]}

@@ -16,8 +16,10 @@ are answered round by round: q2 is asked after the model's own answer to q1.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -28,13 +30,13 @@ from jax.sharding import Mesh
 
 import ml_collections
 
-from lima_jax import runtime, sharding
+from lima_jax import rundir, runtime, sharding
 from lima_jax.config import ModelConfig
 from lima_jax.errors import ConfigError, DataError
 from lima_jax.model import KV_CACHE_AXES, Llama, init_kv_cache
-from lima_jax.records import STOP_REASONS, PromptRecord, answer_record
+from lima_jax.records import STOP_REASONS, PromptRecord, answer_record, prompt_ids
 from lima_jax.rundir import CheckpointChoice
-from lima_jax.tokenizer import Tokenizer
+from lima_jax.tokenizer import Tokenizer, load_tokenizer
 
 _RUNNING, _EOT, _EOS, _MAX_NEW, _CONTEXT = range(len(STOP_REASONS))
 _LENGTH_BUCKET = 32  # prompt batches are padded to a multiple of this: few distinct shapes to compile
@@ -78,15 +80,64 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float)
     return jnp.where(seen, penalized, logits)
 
 
+MASS_BITS = 30  # nucleus masses in integer units of 2^-30: their sums are exact in any order (and fit int32)
+
+
+def integer_probs(logits: jax.Array) -> jax.Array:
+    """[b, V] int32: softmax(logits) in units of 2^-MASS_BITS, rounded down (what the nucleus sums)."""
+    return jnp.floor(jax.nn.softmax(logits.astype(jnp.float32), axis=-1) * 2.0 ** MASS_BITS).astype(jnp.int32)
+
+
+def nucleus_mass_units(top_p: float) -> int:
+    """`top_p` in units of 2^-MASS_BITS (at least 1: the most likely token is always in the nucleus)."""
+    return max(1, math.ceil(top_p * 2 ** MASS_BITS))
+
+
+def _order_keys(logits: jax.Array) -> jax.Array:
+    """uint32 keys in the order of the float32 logits (-0.0 taken as 0.0, so equal logits get equal keys)."""
+    x = logits.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.zeros_like(x), x), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
 def top_p_mask(logits: jax.Array, top_p: float) -> jax.Array:
     """[b, V] bool: the nucleus, the smallest set of most likely tokens whose probability reaches `top_p`
-    (the most likely token is always in it)."""
-    order = jnp.argsort(-logits, axis=-1)
-    probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < top_p
-    rows = jnp.arange(logits.shape[0])[:, None]
-    return jnp.zeros_like(keep_sorted).at[rows, order].set(keep_sorted)
+    (the most likely token is always in it), without sorting the vocabulary.
+
+    Defined as the sorted nucleus: tokens ordered by logit (ties: lower id first), a token kept when the mass
+    of the tokens before it is below `top_p`, masses summed in exact integer units (`integer_probs`). Found by
+    a threshold search instead: the largest logit key y whose strictly-greater mass still reaches top_p is
+    built bit by bit (32 masked sums over the vocabulary); every token above the lowest key over y is kept,
+    and of the tokens tied at that key the first ones by id while the mass before them stays below top_p."""
+    if top_p >= 1.0:
+        return jnp.ones(logits.shape, bool)
+    mass = integer_probs(logits)
+    keys = _order_keys(logits)
+    target = jnp.int32(nucleus_mass_units(top_p))
+
+    def mass_above(threshold: jax.Array) -> jax.Array:  # [b]: mass of the tokens with keys > threshold
+        return jnp.sum(jnp.where(keys > threshold[:, None], mass, 0), axis=-1)
+
+    def add_bit(bit, y):
+        candidate = y | (jnp.uint32(1) << (31 - bit).astype(jnp.uint32))
+        return jnp.where(mass_above(candidate) >= target, candidate, y)
+
+    y = jax.lax.fori_loop(0, 32, add_bit, jnp.zeros(logits.shape[:1], jnp.uint32))
+    # The last kept token's logit: the lowest key above y. Its group of equal logits may be cut short.
+    edge = jnp.min(jnp.where(keys > y[:, None], keys, jnp.uint32(0xFFFFFFFF)), axis=-1)
+    at_edge = keys == edge[:, None]
+    edge_mass = jnp.max(jnp.where(at_edge, mass, 0), axis=-1)  # equal logits: equal masses
+    room = target - mass_above(edge)  # > 0 by the choice of y
+    tied = jnp.sum(at_edge, axis=-1, dtype=jnp.int32)
+    keep_tied = jnp.where(edge_mass > 0, jnp.minimum(tied, (room + edge_mass - 1) // jnp.maximum(edge_mass, 1)),
+                          tied)
+    above = keys > edge[:, None]
+
+    def cut_ties():  # rare: only when a run of equal logits straddles the top_p boundary
+        rank = jnp.cumsum(at_edge, axis=-1, dtype=jnp.int32) - 1
+        return above | (at_edge & (rank < keep_tied[:, None]))
+
+    return jax.lax.cond(jnp.all(keep_tied == tied), lambda: above | at_edge, cut_ties)
 
 
 def sampling_logits(logits: jax.Array, seen: jax.Array, settings: SamplingConfig) -> jax.Array:
@@ -200,6 +251,20 @@ def decode(params: Any, tokens: jax.Array, lengths: jax.Array, limits: jax.Array
     return {"generated": state["generated"], "num_generated": state["num_generated"], "reason": state["reason"]}
 
 
+def jit_decode(model: Llama, settings: SamplingConfig, cache_len: int, stop_ids: tuple[int, int],
+               out_sharding: jax.sharding.Sharding, use_cache: bool = True):
+    """`decode` jitted for one model, sampling setting and cache length (what `Generator` and the bench run):
+    call it with (params, tokens, lengths, limits, row_ids, seed) under the mesh's `sharding.activate`."""
+    fn = functools.partial(decode, model=model, settings=settings, cache_len=cache_len, stop_ids=stop_ids,
+                           use_cache=use_cache)
+    return jax.jit(fn, out_shardings=out_sharding)
+
+
+def put_global(array: np.ndarray, target: jax.sharding.Sharding) -> jax.Array:
+    """A host array (the same on every host) as a global array with sharding `target`."""
+    return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+
+
 # ----------------------------------------------------------------------------------------- generator
 
 
@@ -245,12 +310,8 @@ class Generator:
 
     @functools.lru_cache(maxsize=16)
     def _compiled(self, settings: SamplingConfig, cache_len: int):
-        fn = functools.partial(decode, model=self.model, settings=settings, cache_len=cache_len,
-                               stop_ids=(self.tokenizer.eot_id, self.tokenizer.eos_id), use_cache=self.use_cache)
-        return jax.jit(fn, out_shardings=self._replicated)
-
-    def _put(self, array: np.ndarray, target: jax.sharding.Sharding) -> jax.Array:
-        return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+        return jit_decode(self.model, settings, cache_len, (self.tokenizer.eot_id, self.tokenizer.eos_id),
+                          self._replicated, self.use_cache)
 
     def check_prompt_length(self, num_tokens: int, where: str) -> None:
         if num_tokens >= self.cfg.max_seq_len:
@@ -292,8 +353,8 @@ class Generator:
         limits[n:] = 1  # filler rows stop at once so they never keep the loop going
         ids = np.asarray(row_ids + [0] * (b - n), np.int32)
         out = self._compiled(settings, cache_len)(
-            self.params, self._put(tokens, self._batch_sharding), self._put(lengths, self._row_sharding),
-            self._put(limits, self._row_sharding), self._put(ids, self._row_sharding), jnp.int32(seed))
+            self.params, put_global(tokens, self._batch_sharding), put_global(lengths, self._row_sharding),
+            put_global(limits, self._row_sharding), put_global(ids, self._row_sharding), jnp.int32(seed))
         out = jax.device_get(out)
         completions = []
         for r in range(n):
@@ -306,8 +367,11 @@ class Generator:
         return completions
 
 
-def answer_prompts(generator: Generator, prompts: Sequence[PromptRecord], settings: SamplingConfig) -> list[dict]:
-    """Answers every prompt (all rounds of multi-turn questions, batched per round); output records."""
+def answer_prompts(generator: Generator, prompts: Sequence[PromptRecord], settings: SamplingConfig,
+                   prompt_format: str = "chat") -> list[dict]:
+    """Answers every prompt (all rounds of multi-turn questions, batched per round); output records.
+    `prompt_format` (`records.prompt_ids`): "chat" (the turn format) or "completion" (plain text continued,
+    one round; `records.check_prompts_fit` refuses multi-turn prompts first)."""
     tokenizer = generator.tokenizer
     conversations = [list(p.turns) for p in prompts]
     history: list[list[Completion]] = [[] for _ in prompts]
@@ -316,7 +380,7 @@ def answer_prompts(generator: Generator, prompts: Sequence[PromptRecord], settin
         if round_index:
             for i in active:
                 conversations[i] += [history[i][-1].text, prompts[i].followups[round_index - 1]]
-        ids = {i: tokenizer.encode_dialog(conversations[i]).ids for i in active}
+        ids = {i: prompt_ids(tokenizer, conversations[i], prompt_format) for i in active}
         # First rounds were checked up front (check_prompts_fit); a later round that outgrew the context
         # is answered with nothing and stop reason "context" rather than failing after hours of decoding.
         fits = [i for i in active if len(ids[i]) < generator.cfg.max_seq_len]
@@ -331,8 +395,24 @@ def answer_prompts(generator: Generator, prompts: Sequence[PromptRecord], settin
 
 
 def build_generator(config: ml_collections.ConfigDict, choice: CheckpointChoice, batch_size: int,
-                    use_cache: bool = True) -> Generator:
-    """Tokenizer, mesh and a checkpoint's parameters (checked against `config`'s model) in a Generator."""
-    rt = runtime.build(config)
+                    use_cache: bool = True, prompt_format: str = "chat") -> Generator:
+    """Tokenizer, mesh and a checkpoint's parameters (checked against `config`'s model) in a Generator.
+
+    A base model (an import: its vocabulary is the tokenizer's without EOT) is sampled only with the
+    "completion" format, which then takes the checkpoint's vocabulary; the chat format refuses it, naming
+    the way out."""
+    tokenizer = load_tokenizer(config)
+    stored = rundir.stored_model_config(choice)["vocab_size"]
+    base_model = tokenizer.eot_is_new_row and stored == tokenizer.base_vocab_size
+    if base_model:
+        if prompt_format != "completion":
+            raise ConfigError(f"{choice.folder}: the model's vocabulary is {stored}, the tokenizer "
+                              f"{tokenizer.path} without EOT: a base model (not fine-tuned), which has no turn "
+                              "format; sample it with --prompt_format=completion (plain text continued, stop at "
+                              "EOS)")
+        config = copy.deepcopy(config)
+        with config.unlocked():
+            config.model.vocab_size = stored
+    rt = runtime.build(config, with_eot=not base_model)
     params = runtime.load_params(choice, rt)
     return Generator(rt.model_cfg, params, rt.tokenizer, rt.mesh, rt.rules, batch_size, use_cache)

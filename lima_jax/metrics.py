@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import threading
 import time
 
 import jax
@@ -41,7 +42,6 @@ class MetricsWriter:
         self.redone_steps, self.redone_s = 0, 0.0
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter
         run.root.mkdir(parents=True, exist_ok=True)
         path = run.metrics
         dropped = _drop_records_after(path, resumed_at)
@@ -49,8 +49,13 @@ class MetricsWriter:
         if dropped:
             logging.info("%s: dropped %d records after step %d, logged by the interrupted run (%.1f s of steps to "
                          "redo)", path, len(dropped), resumed_at, self.redone_s)
-        self.tensorboard = SummaryWriter(logdir=str(run.tensorboard), purge_step=resumed_at + 1)
+        self._tensorboard = _InBackground(_summary_writer, str(run.tensorboard), resumed_at + 1)
         self.jsonl = _ObjectJsonl(path) if is_remote(path) else path.open("a", encoding="utf-8")
+
+    @property
+    def tensorboard(self):
+        """The tensorboardX SummaryWriter (waits for its creation in the background, if still under way)."""
+        return self._tensorboard.result()
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Logs `metrics` of the 1-based global `step`."""
@@ -83,6 +88,34 @@ class MetricsWriter:
         if self.enabled:
             self.tensorboard.close()
             self.jsonl.close()
+
+
+def _summary_writer(logdir: str, purge_step: int):
+    from tensorboardX import SummaryWriter  # imports torch when it is installed: seconds
+    return SummaryWriter(logdir=logdir, purge_step=purge_step)
+
+
+class _InBackground:
+    """`fn(*args)` run in a daemon thread from now on; `result()` waits for it and returns it (or raises its
+    error). The TensorBoard writer is made this way so that importing tensorboardX (and torch, when present:
+    ~1.2 s on an idle CPU) overlaps the compilation of the first step instead of delaying it."""
+
+    def __init__(self, fn, *args):
+        self._outcome: dict = {}
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True, name=f"lima-{fn.__name__}")
+        self._thread.start()
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._outcome["value"] = fn(*args)
+        except BaseException as e:  # re-raised in the caller's thread by result()
+            self._outcome["error"] = e
+
+    def result(self):
+        self._thread.join()
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return self._outcome["value"]
 
 
 class _ObjectJsonl:

@@ -8,6 +8,8 @@
 * Layers are stacked with `nn.scan` (one compiled layer, whatever the depth), optionally rematerialized.
 * Attention takes `segment_ids` and `positions`: a token attends only to earlier tokens of its own segment
   and RoPE positions restart per segment, so packed rows never leak across examples. Segment 0 is padding.
+  The attention kernel is `model.attention` (`lima_jax.attention`); decoding with a KV cache uses the
+  reference formula over the cache.
 * RoPE uses the rotate-half layout of Hugging Face; `lima_jax.convert` permutes Meta/llama2.c weights
   (interleaved pairs) into it. See docs/checkpoints.md.
 * LIMA residual dropout: layer l of L (1-based) drops each residual branch output with
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from lima_jax.attention import attend, attention_mask, grouped_query_attention  # noqa: F401 (re-exported)
 from lima_jax.config import ModelConfig
 
 Array = jax.Array
@@ -46,28 +50,43 @@ def residual_dropout(x: Array, rate: Array, rng: Array | None) -> Array:
     return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
 
-def rope_frequencies(head_dim: int, theta: float) -> Array:
-    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_frequencies(head_dim: int, cfg: ModelConfig) -> Array:
+    """RoPE's inverse frequencies [head_dim / 2], float32: theta^(-2i / head_dim), rescaled as LLaMA-3.1/3.2 do
+    when `cfg.rope_type` is "llama3" (`llama3_scaled_frequencies`; docs/model.md)."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if cfg.rope_type == "default":
+        return inv_freq
+    return llama3_scaled_frequencies(inv_freq, cfg.rope_scaling_factor, cfg.rope_low_freq_factor,
+                                     cfg.rope_high_freq_factor, cfg.rope_original_max_seq_len)
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding, rotate-half layout. x: [batch, length, heads, head_dim]; positions: [batch, length]."""
+def llama3_scaled_frequencies(inv_freq: Array, factor: float, low_freq_factor: float, high_freq_factor: float,
+                              original_max_seq_len: int) -> Array:
+    """LLaMA-3.1's RoPE scaling, as Meta's `apply_scaling` and transformers' `_compute_llama3_parameters`
+    compute it (float32, same operations): a frequency whose wavelength 2 pi / f is longer than
+    original_max_seq_len / low_freq_factor is divided by `factor` (stretched to the longer context), one shorter
+    than original_max_seq_len / high_freq_factor is kept, and between the two the frequency blends linearly in
+    original_max_seq_len / wavelength from f / factor to f."""
+    low_freq_wavelen = original_max_seq_len / low_freq_factor
+    high_freq_wavelen = original_max_seq_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    stretched = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_seq_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * stretched / factor + smooth * stretched
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(medium, blended, stretched)
+
+
+def apply_rope(x: Array, positions: Array, cfg: ModelConfig) -> Array:
+    """Rotary embedding of `cfg` (rope_theta, rope_type), rotate-half layout. x: [batch, length, heads,
+    head_dim]; positions: [batch, length]."""
     head_dim = x.shape[-1]
-    angles = positions[:, :, None].astype(jnp.float32) * rope_frequencies(head_dim, theta)  # [b, t, d/2]
+    angles = positions[:, :, None].astype(jnp.float32) * rope_frequencies(head_dim, cfg)  # [b, t, d/2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
-
-
-def attention_mask(segment_ids: Array) -> Array:
-    """[batch, 1, q, k] boolean: causal, same segment, and never to padding (segment 0)."""
-    length = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    not_pad = (segment_ids != 0)[:, None, :]
-    return (causal[None] & same_segment & not_pad)[:, None]
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig,
@@ -109,35 +128,17 @@ class Attention(nn.Module):
         q = _constrain(jnp.einsum("btd,dnh->btnh", x, wq), ("batch", "length", "heads", "kv"))
         k = _constrain(jnp.einsum("btd,dnh->btnh", x, wk), ("batch", "length", "kv_heads", "kv"))
         v = _constrain(jnp.einsum("btd,dnh->btnh", x, wv), ("batch", "length", "kv_heads", "kv"))
-        q = apply_rope(q, positions, cfg.rope_theta)
-        k = apply_rope(k, positions, cfg.rope_theta)
+        q = apply_rope(q, positions, cfg)
+        k = apply_rope(k, positions, cfg)
 
-        if kv_cache is None:
-            mask = attention_mask(segment_ids)
-            new_cache = None
+        if kv_cache is None:  # training / scoring: the kernel chosen by model.attention
+            out, new_cache = attend(cfg.attention, q, k, v, segment_ids), None
         else:  # decoding: write this step's keys/values at `index`, attend to everything written so far
             k, v, mask, new_cache = _update_kv_cache(kv_cache, k, v, segment_ids)
-
-        out = grouped_query_attention(q, k, v, mask)
+            out = grouped_query_attention(q, k, v, mask)
         out = _constrain(out, ("batch", "length", "heads", "kv"))
         out = jnp.einsum("btnh,nhd->btd", checkpoint_name(out, ATTENTION_OUT), wo)
         return _constrain(out, ("batch", "length", "embed")), new_cache
-
-
-def grouped_query_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """softmax(q k^T / sqrt(d)) v with each KV head shared by n_heads / n_kv_heads query heads.
-
-    q: [b, t, n_heads, d]; k, v: [b, s, n_kv_heads, d]; mask: [b, 1, t, s] (True = may attend).
-    """
-    b, t, nh, d = q.shape
-    nkv = k.shape[2]
-    q = q.reshape(b, t, nkv, nh // nkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / np.sqrt(d)
-    big_negative = jnp.finfo(jnp.float32).min  # finite, so fully masked (padding) rows give no NaN
-    scores = jnp.where(mask[:, :, None], scores, big_negative)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, nh, d)
 
 
 def _update_kv_cache(cache: dict, k: Array, v: Array, segment_ids: Array):

@@ -20,6 +20,7 @@ from lima_jax.data.formats import DataError, iter_jsonl, parse_record
 from lima_jax.paths import PathLike, as_path, atomic_write_text
 from lima_jax.tokenizer import Tokenizer
 
+PROMPT_FORMATS = ("chat", "completion")  # see `prompt_ids`
 STOP_REASONS = ("running", "eot", "eos", "max_new_tokens", "context")
 ANSWER_FIELDS = ("id", "input", "prompt", "response", "responses", "prompt_tokens", "response_tokens",
                  "stop_reason", "where")
@@ -81,10 +82,27 @@ def read_prompts(path: PathLike) -> list[PromptRecord]:
     return prompts
 
 
-def check_prompts_fit(prompts: Sequence[PromptRecord], tokenizer: Tokenizer, max_seq_len: int) -> None:
-    """Fails before any compilation if a first-round prompt leaves no room for an answer."""
+def prompt_ids(tokenizer: Tokenizer, turns: Sequence[str], prompt_format: str) -> list[int]:
+    """A prompt's token ids. "chat": lima_jax's turn format (`Tokenizer.encode_dialog`), the model answers as
+    the assistant. "completion": plain text, `<bos> text` with no turn format, the model continues the text
+    (a base model, which has no EOT row); such a prompt is one text."""
+    if prompt_format == "chat":
+        return tokenizer.encode_dialog(turns).ids
+    if prompt_format != "completion":
+        raise ValueError(f"prompt format {prompt_format!r}: expected one of {PROMPT_FORMATS}")
+    (text,) = turns
+    return [tokenizer.bos_id] + tokenizer.encode(text)
+
+
+def check_prompts_fit(prompts: Sequence[PromptRecord], tokenizer: Tokenizer, max_seq_len: int,
+                      prompt_format: str = "chat") -> None:
+    """Fails before any compilation if a first-round prompt leaves no room for an answer, or if a
+    "completion" prompt is not one text (a conversation or a multi-turn question)."""
     for p in prompts:
-        n = len(tokenizer.encode_dialog(p.turns).ids)
+        if prompt_format == "completion" and len(p.input) != 1:
+            raise DataError(f"{p.where}: {len(p.input)} turns; a completion prompt is one text (answer "
+                            "conversations and multi-turn questions in the chat format)")
+        n = len(prompt_ids(tokenizer, p.turns, prompt_format))
         if n >= max_seq_len:
             raise DataError(f"{p.where}: the prompt is {n} tokens; model.max_seq_len={max_seq_len} leaves no "
                             "room for an answer")

@@ -24,13 +24,13 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
-from lima_jax import rundir, sharding
+from lima_jax import attention, rundir, sharding
 from lima_jax.checkpoint import check_model_matches
 from lima_jax.config import ModelConfig, model_config
 from lima_jax.errors import CheckpointError, ConfigError
 from lima_jax.model import Llama, resize_vocab
 from lima_jax.sharding import Rules
-from lima_jax.tokenizer import Tokenizer
+from lima_jax.tokenizer import Tokenizer, load_tokenizer
 from lima_jax.train_step import TrainState
 
 
@@ -49,13 +49,18 @@ class Runtime:
         return Llama(self.model_cfg)
 
 
-def build(config: ml_collections.ConfigDict) -> Runtime:
-    """The Runtime of `config`, every part checked (tokenizer file, vocabulary, mesh) before any compilation."""
-    tokenizer = Tokenizer(config.tokenizer.path)
-    model_cfg = model_config(config, vocab_size=config.model.vocab_size or tokenizer.vocab_size)
-    if model_cfg.vocab_size < tokenizer.vocab_size:
+def build(config: ml_collections.ConfigDict, with_eot: bool = True) -> Runtime:
+    """The Runtime of `config`, every part checked (tokenizer file, vocabulary, mesh) before any compilation.
+    `with_eot=False` admits a model without the EOT row (a base model, sampled as plain completion)."""
+    tokenizer = load_tokenizer(config)
+    logging.info("tokenizer: %s", tokenizer.describe())
+    smallest = tokenizer.vocab_size if with_eot else tokenizer.base_vocab_size
+    model_cfg = model_config(config, vocab_size=config.model.vocab_size or smallest)
+    if model_cfg.vocab_size < smallest:
         raise ConfigError(f"{config.get('source_file', '<config>')}: config.model.vocab_size="
-                          f"{model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} (incl. EOT)")
+                          f"{model_cfg.vocab_size} is smaller than the tokenizer's {smallest}"
+                          + (" (EOT included)" if with_eot and tokenizer.eot_is_new_row else ""))
+    attention.check_backend(model_cfg.attention)  # a GPU/TPU kernel on a backend without it
     # the mesh splits the embedding's rows: the padded vocabulary (model.vocab_multiple) is what must divide
     mesh = sharding.make_mesh(config, vocab_size=model_cfg.padded_vocab_size)
     rules = sharding.layout_rules(config, vocab_size=model_cfg.padded_vocab_size, shape=mesh.devices.shape)

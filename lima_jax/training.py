@@ -3,7 +3,9 @@
 Runs `train.num_epochs` epochs over the data, writes a checkpoint at the end of every epoch (every epoch is kept,
 since LIMA picks the epoch by reading dev-set answers: as a full state, or with train.snapshots="params" as a
 parameter snapshot beside the newest full state), and resumes from the latest checkpoint in the workdir when
-restarted, at the exact batch it stopped before. Every host of a pod slice runs the same loop. SIGTERM or
+restarted, at the exact batch it stopped before. Mid-epoch checkpoints (train.checkpoint_every_steps /
+_minutes) are written in the background with train.async_checkpointing and sealed at the first step boundary
+where every host has written its part. Every host of a pod slice runs the same loop. SIGTERM or
 SIGINT while the loop runs stops it at a step boundary every host agrees on, after a checkpoint there
 (`lima_jax.preemption`): `Preempted`, exit 75, and the same command resumes exactly.
 """
@@ -56,6 +58,17 @@ class EpochEnd:
 
 
 EpochHook = Callable[[EpochEnd], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dispatched:
+    """A step sent to the devices: its metrics (device arrays, not yet read) and where it stands."""
+
+    metrics: dict[str, jax.Array]
+    epoch: int
+    step: int
+    end_of_epoch: bool
+    started: float  # perf_counter before its batch was assembled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +191,28 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
         writer = MetricsWriter(run, total_steps, resumed_at=int(state.step) if latest is not None else 0)
         goodput.after_earlier_runs(run.goodput, writer.redone_steps, writer.redone_s)
         last_metrics: dict = {}
+        pending: _Dispatched | None = None  # the step whose metrics are still on the device
+        last_read = 0.0  # when the previous step's metrics were read
+
+        def read_metrics(done: _Dispatched) -> None:
+            """Reads a step's metrics (a step late: the device meanwhile runs the next one), checks them before
+            anything of that step is saved, and logs them."""
+            nonlocal last_metrics, last_read
+            values = {k: float(v) for k, v in jax.device_get(done.metrics).items()}
+            try:
+                _check_finite(values, done.epoch, done.step, checkpoints, resumed_from=latest)
+            except TrainingDiverged:  # on every host alike: the save in flight is of a finite state
+                finish_save()
+                raise
+            now = time.perf_counter()
+            step_s = now - max(done.started, last_read)  # steps overlap: each one's share of the wall time
+            last_read = now
+            goodput.step(step_s)
+            values.update(epoch=done.epoch, step_s=step_s, tokens_per_s=values["tokens"] / step_s,
+                          goodput=goodput.totals()["goodput"])
+            last_metrics = values
+            if done.step % config.train.log_every == 0 or done.end_of_epoch:
+                writer.write(done.step, values)
 
         def epoch_done(epoch: int, resumed: bool = False) -> None:
             if after_epoch is not None:
@@ -185,23 +220,55 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                 after_epoch(EpochEnd(epoch, state, rt, writer, resumed))
                 goodput.hooks_s += time.perf_counter() - tic
 
+        async_saves = bool(config.train.get("async_checkpointing", True))  # absent in an older config.json
+
         def save(epoch: int, batch_index: int, step: int, stopping: bool = False) -> None:
+            """The checkpoint of `step`: mid-epoch ones (train.checkpoint_every_steps / _minutes) in the
+            background with train.async_checkpointing, sealed later by `finish_save`; the others (epoch ends,
+            where the hosts agreed to stop) written and sealed before this returns."""
+            finish_save(prune=not stopping)  # a save in flight is sealed before the next one starts
             lock.check()  # RunLocked if another run took this workdir over: it saves, not we
             tic = time.perf_counter()
+            end_of_epoch = batch_index == steps_per_epoch
+            meta = {"epoch": epoch, "batches_done": batch_index, "step": step, "data_signature": data_signature,
+                    "total_steps": total_steps, "end_of_epoch": end_of_epoch, "checksummed": True,
+                    "rolled_back_to": rolled_back_to, "model": dataclasses.asdict(rt.model_cfg)}
             with stops.saving():
-                checkpoints.save(step, state, {"epoch": epoch, "batches_done": batch_index, "step": step,
-                                               "data_signature": data_signature, "total_steps": total_steps,
-                                               "end_of_epoch": batch_index == steps_per_epoch,
-                                               "checksummed": True, "rolled_back_to": rolled_back_to,
-                                               "model": dataclasses.asdict(rt.model_cfg)})
-                if batch_index == steps_per_epoch:
-                    keep_epoch(config, run, rt.model_cfg, state.params, epoch, step)
-                if not stopping:  # a preempted job has seconds left: the next run's first save prunes
-                    prune_full_states(config, run, checkpoints, step)
+                if async_saves and not end_of_epoch and not stopping:
+                    checkpoints.start_save(step, state, meta)
+                else:
+                    checkpoints.save(step, state, meta)
+                    after_sealed(step, epoch if end_of_epoch else None, prune=not stopping)
             goodput.checkpoint_s += time.perf_counter() - tic
             goodput.save(run.goodput)
             agreement.saved()
 
+        def after_sealed(step: int, epoch_ended: int | None, prune: bool) -> None:
+            if epoch_ended is not None:
+                keep_epoch(config, run, rt.model_cfg, state.params, epoch_ended, step)
+            if prune:  # a preempted job has seconds left: the next run's first save prunes
+                prune_full_states(config, run, checkpoints, step)
+
+        def finish_save(prune: bool = True) -> None:
+            """Waits for the save in flight (if any) and seals it; every host calls it at the same point."""
+            if checkpoints.pending_step is None:
+                return
+            tic = time.perf_counter()
+            lock.check()  # a run that took the workdir over meanwhile: this one seals and prunes nothing
+            with stops.saving():
+                step = checkpoints.finish_save()
+                after_sealed(step, None, prune)
+            goodput.checkpoint_s += time.perf_counter() - tic
+            goodput.save(run.goodput)
+
+        def stop_if_agreed(epoch: int, step: int) -> None:
+            """Raises Preempted naming the checkpoint of `step` (just written, or in flight: then sealed first)
+            when any host was asked to stop during a save or a hook."""
+            if agreement.stop_agreed():
+                finish_save(prune=False)
+                raise _preempted(checkpoints, epoch, step)
+
+        step = int(state.step)  # counted on the host from here: reading state.step would wait for the device
         # SIGTERM / SIGINT from here on: stop at a step boundary all hosts agree on, save there, exit 75.
         with preemption.catch_stop_signals(early_stops) as stops:  # incl. a SIGTERM during setup
             agreement = preemption.StepAgreement(stops, config.train.get("checkpoint_every_minutes", 0.0))
@@ -211,7 +278,7 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                     # snapshot or inside its hook.
                     keep_epoch(config, run, rt.model_cfg, state.params, position.epoch - 1, latest)
                     epoch_done(position.epoch - 1, resumed=True)
-                    _stop_if_agreed(agreement, checkpoints, position.epoch - 1, latest)
+                    stop_if_agreed(position.epoch - 1, latest)
                 for epoch in range(position.epoch, config.train.num_epochs + 1):
                     start = position.batches_done if epoch == position.epoch else 0
                     batches = data.epoch_batches(
@@ -220,35 +287,38 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                         process_index=block, process_count=num_blocks, packing=plan.packing,
                         num_rows=plan.rows_per_step)
                     for batch_index, local in enumerate(batches, start=start + 1):
-                        # One step, its metrics checked before anything of this state is saved.
+                        # One step, dispatched without waiting: the host reads the previous step's metrics and
+                        # prepares the next batch while the device runs it.
                         tic = time.perf_counter()
                         state, metrics = step_fn(state, runtime.global_batch(local, batch_sharding, batch_shape))
-                        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                        step = int(state.step)
-                        _check_finite(metrics, epoch, step, checkpoints, resumed_from=latest)
-                        step_s = time.perf_counter() - tic
-                        goodput.step(step_s)
-                        metrics.update(epoch=epoch, step_s=step_s, tokens_per_s=metrics["tokens"] / step_s,
-                                       goodput=goodput.totals()["goodput"])
-                        last_metrics = metrics
+                        step += 1
                         end_of_epoch = batch_index == steps_per_epoch
-                        if step % config.train.log_every == 0 or end_of_epoch:
-                            writer.write(step, metrics)
+                        dispatched = _Dispatched(metrics, epoch, step, end_of_epoch, tic)
+                        if pending is not None:
+                            read_metrics(pending)
+                            pending = None
                         # A checkpoint at the end of every epoch, every checkpoint_every_steps /
                         # checkpoint_every_minutes if set, and where the hosts agree to stop.
                         decision = agreement.after_step(step)
+                        if checkpoints.pending_step is not None and \
+                                distributed.all_processes_ok(checkpoints.written_here()):
+                            finish_save()  # the background write is done on every host: seal it now
                         every = config.train.checkpoint_every_steps
                         if end_of_epoch or (every and step % every == 0) or decision.checkpoint_due or decision.stop:
+                            read_metrics(dispatched)  # this step checked before anything of it is saved
                             save(epoch, batch_index, step, stopping=decision.stop)
                             if end_of_epoch:
                                 logging.info("epoch %d done: checkpoint %s/%d", epoch, checkpoints.directory, step)
                             if decision.stop:
                                 raise _preempted(checkpoints, epoch, step)
-                            _stop_if_agreed(agreement, checkpoints, epoch, step)  # a signal during the save
-                    # The end-of-epoch hooks (dev report), after the checkpoint exists.
+                            stop_if_agreed(epoch, step)  # a signal during the save
+                        else:
+                            pending = dispatched
+                    # The end-of-epoch hooks (dev report), after the checkpoint exists (written and sealed: the
+                    # epoch's save is synchronous, and it sealed any save still in flight first).
                     epoch_done(epoch)
                     if epoch < config.train.num_epochs:  # after the last hook training is done anyway
-                        _stop_if_agreed(agreement, checkpoints, epoch, int(state.step))  # a signal during the hook
+                        stop_if_agreed(epoch, step)  # a signal during the hook
             finally:
                 writer.close()
                 checkpoints.close()
@@ -320,13 +390,6 @@ def _needed_for_choosing(run: RunDir, checkpoints: checkpoint.TrainCheckpoints, 
 def _preempted(checkpoints: checkpoint.TrainCheckpoints, epoch: int, step: int) -> Preempted:
     return Preempted(f"preempted at epoch {epoch} step {step}: checkpoint {checkpoints.step_folder(step)} written; "
                      "run the same command again to resume")
-
-
-def _stop_if_agreed(agreement: preemption.StepAgreement, checkpoints: checkpoint.TrainCheckpoints, epoch: int,
-                    step: int) -> None:
-    """Raises Preempted naming the checkpoint of `step` (just written) when any host was asked to stop."""
-    if agreement.stop_agreed():
-        raise _preempted(checkpoints, epoch, step)
 
 
 def choose_resume_step(checkpoints: checkpoint.TrainCheckpoints, requested: int,

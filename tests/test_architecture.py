@@ -19,7 +19,8 @@ LAYER_NAMES = ("core", "runtime", "workflow", "entry point")
 LAYERS = (
     ("lima_jax.data.__main__", ENTRY),
     ("lima_jax", CORE), ("lima_jax.errors", CORE), ("lima_jax.paths", CORE), ("lima_jax.config", CORE),
-    ("lima_jax.tokenizer", CORE), ("lima_jax.model", CORE), ("lima_jax.loss", CORE), ("lima_jax.sharding", CORE), ("lima_jax.optim", CORE),
+    ("lima_jax.tokenizer", CORE), ("lima_jax.model", CORE), ("lima_jax.sharding", CORE), ("lima_jax.optim", CORE),
+    ("lima_jax.attention", CORE), ("lima_jax.loss", CORE),
     ("lima_jax.distributed", CORE), ("lima_jax.data", CORE), ("lima_jax.data.*", CORE), ("lima_jax.records", CORE),
     ("lima_jax.checkpoint", CORE), ("lima_jax.rundir", CORE), ("lima_jax.metrics", CORE), ("lima_jax.manifest", CORE),
     ("lima_jax.runlock", CORE), ("lima_jax.preemption", CORE),
@@ -28,6 +29,8 @@ LAYERS = (
     ("lima_jax.evaluation", WORKFLOW), ("lima_jax.evaluation.*", WORKFLOW),
     ("lima_jax.conversion", WORKFLOW), ("lima_jax.conversion.*", WORKFLOW),
     ("lima_jax.analysis", WORKFLOW), ("lima_jax.analysis.*", WORKFLOW),
+    ("lima_jax.experiments.small_lima", ENTRY),
+    ("lima_jax.experiments", WORKFLOW), ("lima_jax.experiments.*", WORKFLOW),
     ("lima_jax.cli", ENTRY), ("lima_jax.train", ENTRY), ("lima_jax.generate", ENTRY), ("lima_jax.report", ENTRY),
     ("lima_jax.eval", ENTRY), ("lima_jax.convert", ENTRY), ("lima_jax.layouts", ENTRY), ("lima_jax.bench", ENTRY),
     ("lima_jax.verify", ENTRY),

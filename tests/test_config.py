@@ -14,6 +14,7 @@ def filled(name: str):
     config.workdir = config.workdir or "/tmp/unused"
     config.data.train_path = config.data.train_path or "/data/train.jsonl"
     config.tokenizer.path = config.tokenizer.path or "/llama/tokenizer.model"
+    config.init_from = config.init_from or "/base"  # presets that require_init_from
     return config
 
 
@@ -60,6 +61,8 @@ def test_smaller_models_use_batch_64_and_dropout_0_2():
     ("optimizer.end_learning_rate", 1.0, "must be in"),
     ("data.loss_on", "prompt", "must be one of"),
     ("model.remat_policy", "sometimes", "must be one of"),
+    ("model.attention", "flash", "must be one of"),
+    ("model.attention", "cudnn", "takes bfloat16 or float16 only"),  # the toy computes in float32
     ("data.max_len", 4096, "exceeds model.max_seq_len"),
     ("workdir", "", "set an output folder"),
     ("data.max_line_bytes", 0, "must be a positive int"),
@@ -102,3 +105,83 @@ def test_checkpoint_every_minutes_is_off_by_default_and_may_be_absent_in_an_olde
     assert c.train.checkpoint_every_minutes == 0.0
     del c.train["checkpoint_every_minutes"]  # a run's config.json written before the field existed
     validate(c)
+
+
+def test_async_checkpointing_is_on_by_default_must_be_a_bool_and_may_be_absent_in_an_older_config_json():
+    c = filled("lima_65b.py")
+    assert c.train.async_checkpointing is True
+    del c.train["async_checkpointing"]  # a run's config.json written before the field existed: on
+    validate(c)
+    c.train.async_checkpointing = "sometimes"  # e.g. a hand-edited config.json
+    with pytest.raises(ConfigError, match=r"config.train.async_checkpointing='sometimes': must be true or false"):
+        validate(c)
+
+
+# ------------------------------------------------------------------------------------------ LLaMA-3.x, RoPE
+
+
+@pytest.mark.parametrize("name, billions, tied, factor", [
+    ("llama31_8b.py", 8.03, False, 8.0), ("llama31_70b.py", 70.6, False, 8.0),
+    ("llama32_1b.py", 1.24, True, 32.0), ("llama32_3b.py", 3.21, True, 32.0)])
+def test_llama3x_presets_have_the_published_shapes_and_scaled_rope(name, billions, tied, factor):
+    """The published totals (8.03B, 70.6B, 1.24B, 3.21B at vocabulary 128,256) and Meta's config.json RoPE:
+    theta 500,000, llama3 scaling (factor 8 for 3.1, 32 for 3.2 1B/3B; 1 / 4; 8,192), 131,072 context."""
+    m = model_config(filled(name), vocab_size=128256)
+    assert round(m.num_params() / 1e9, 2 if billions < 10 else 1) == billions
+    assert (m.n_kv_heads, m.tie_embeddings, m.max_seq_len) == (8, tied, 131072)
+    assert (m.rope_theta, m.rope_type, m.rope_scaling_factor, m.rope_low_freq_factor, m.rope_high_freq_factor,
+            m.rope_original_max_seq_len) == (500000.0, "llama3", factor, 1.0, 4.0, 8192)
+
+
+def test_rope_type_default_override_drops_the_scaling_parameters():
+    from lima_jax.config import apply_overrides
+    c = filled("llama31_8b.py")
+    apply_overrides(c, [("model.rope_type", "default")])
+    validate(c)
+    m = model_config(c, vocab_size=128256)
+    assert (m.rope_type, m.rope_scaling_factor, m.rope_original_max_seq_len) == ("default", None, None)
+    apply_overrides(c, [("model.rope_type", "llama3"), ("model.rope_scaling_factor", "16")])
+    assert model_config(c, vocab_size=128256).rope_scaling_factor == 16.0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rope_type", "yarn", r"config.model.rope_type='yarn': must be one of \('default', 'llama3'\)"),
+    ("rope_scaling_factor", None, r"config.model.rope_scaling_factor=None: must be a number >= 1 with "
+                                  r"rope_type='llama3'"),
+    ("rope_high_freq_factor", 0.5, r"config.model.rope_high_freq_factor=0.5: must be a number > "
+                                   r"rope_low_freq_factor=1.0"),
+    ("rope_original_max_seq_len", 8192.0, r"config.model.rope_original_max_seq_len=8192.0: must be a positive int"),
+])
+def test_bad_rope_values_name_the_file_and_field(field, value, message):
+    c = filled("llama31_8b.py")
+    with c.ignore_type():
+        c.model[field] = value
+    with pytest.raises(ConfigError, match=message) as error:
+        validate(c)
+    assert "configs/llama31_8b.py" in str(error.value)
+
+
+def test_rope_fields_may_be_absent_in_an_older_config_json(tmp_path):
+    """A run's config.json written before the RoPE scaling fields: plain RoPE, as it was trained."""
+    import json
+    from lima_jax.config import LLAMA3_ROPE_FIELDS
+    c = filled("toy.py").to_dict()
+    for field in ("rope_type", *LLAMA3_ROPE_FIELDS):
+        del c["model"][field]
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    old = load_config_file(tmp_path / "config.json")
+    validate(old)
+    assert model_config(old, vocab_size=513) == model_config(filled("toy.py"), vocab_size=513)
+
+
+def test_stories260k_requires_init_from(repo, tmp_path):
+    """Without init_from configs/stories260k.py would fine-tune a random model: a ConfigError naming the field."""
+    from lima_jax.config import load_config_file, validate
+    from lima_jax.errors import ConfigError
+    config = load_config_file(repo / "configs" / "stories260k.py")
+    config.workdir = str(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"config\.init_from='': .*--config\.init_from="):
+        validate(config)
+    config.init_from = str(tmp_path / "base")
+    validate(config)  # the value is checked when training starts (check_init_from)
+    validate(load_config_file(repo / "configs" / "toy.py"), paths=False)  # toy trains from scratch

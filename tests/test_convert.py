@@ -177,14 +177,15 @@ def test_export_tokenizer_and_stop_token(exported):
     assert tok.convert_tokens_to_ids("<eot>") == ours.eot_id and "<eot>" in tok.all_special_tokens
     assert tok.eos_token_id == ours.eot_id
     gen = transformers.GenerationConfig.from_pretrained(hf, local_files_only=True)
-    assert gen.eos_token_id == ours.eot_id
+    assert gen.eos_token_id == [ours.eot_id, ours.eos_id]  # every id lima_jax stops on
     turns = ["Hi there, how are you?", "Fine, thanks. 42!", "And now?"]
     messages = [{"role": role, "content": text} for role, text in zip(["user", "assistant"] * 2, turns)]
     assert tok.apply_chat_template(messages, return_dict=True)["input_ids"] == ours.encode_dialog(turns).ids
 
 
 def test_exported_model_stops_at_eot(exported, tmp_path):
-    """`generate` stops at EOT: a model rigged so that EOT is always the argmax stops after one token."""
+    """`generate` stops at EOT, and at EOS: a model rigged so that EOT (then EOS) is always the argmax stops
+    after one token."""
     import torch
     import transformers
     lima, _ = exported
@@ -204,6 +205,12 @@ def test_exported_model_stops_at_eot(exported, tmp_path):
     assert out[0].tolist() == [1, 5, 6, 512]
     longer = model.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None)
     assert longer[0].tolist() == [1, 5, 6] + [512] * 10  # without the stop token it would run on
+    params["lm_head"][:, 512] = 0.0  # now EOS is always the argmax: generation_config lists it too
+    params["lm_head"][:, 2] = 1.0
+    checkpoint.save_params(tmp_path / "lima_eos", params, cfg)
+    conversion.export_hf(tmp_path / "lima_eos", TOY_TOKENIZER, tmp_path / "hf_eos")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_eos", local_files_only=True)
+    assert model.generate(prompt, max_new_tokens=10, do_sample=False)[0].tolist() == [1, 5, 6, 2]
 
 
 # ----------------------------------------------------------------------------------------------- Meta
@@ -234,12 +241,13 @@ def _meta_weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in w.items()}
 
 
-def meta_reference_logits(w: dict[str, np.ndarray], p: dict, tokens: np.ndarray) -> np.ndarray:
+def meta_reference_logits(w: dict[str, np.ndarray], p: dict, tokens: np.ndarray,
+                          scale_frequencies=lambda freqs: freqs) -> np.ndarray:
     """Meta's LLaMA forward in numpy, RoPE on interleaved pairs via complex numbers as in Meta's model.py."""
     n_h, n_kv, d = p["n_heads"], p["n_kv_heads"], p["dim"]
     hd = d // n_h
     t = tokens.shape[1]
-    freqs = 1.0 / p["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+    freqs = scale_frequencies(1.0 / p["rope_theta"] ** (np.arange(0, hd, 2) / hd))
     rot = np.exp(1j * np.outer(np.arange(t), freqs))  # [t, hd/2]
 
     def norm(x, g):
@@ -342,15 +350,14 @@ def test_meta_missing_shard_tensor_is_named(meta_weights, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("use_scaled_rope", True, r"params.json: use_scaled_rope=true: only default RoPE is supported"),
     ("use_qk_norm", True, r"params.json: field 'use_qk_norm'=true is not supported"),
     ("moe_args", {"num_experts": 16}, r"params.json: field 'moe_args'=\{\"num_experts\": 16\} is not supported"),
     ("vision_chunk_size", 560, r"params.json: field 'vision_chunk_size'=560 is not supported"),
 ])
 def test_meta_unsupported_params_refused_before_any_tensor(meta_weights, tmp_path, monkeypatch, field, value,
                                                            message):
-    """LLaMA-3.1/3.2's scaled RoPE (and fields of later releases) would import silently as another function:
-    refused from params.json alone, before a shard is opened, and nothing is written."""
+    """Fields of later releases would import silently as another function: refused from params.json alone,
+    before a shard is opened, and nothing is written."""
     torch = pytest.importorskip("torch", reason="torch is in the 'parity' extra")
     src = _write_meta(tmp_path / "meta", meta_weights, 1)
     (src / "params.json").write_text(json.dumps({**META, "rope_theta": 500000.0, field: value}))
@@ -543,8 +550,8 @@ def test_hf_round_trip_without_torch(tmp_path, dtype):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0},
-     r"config.json: rope_parameters.rope_type='llama3'"),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0},
+     r"config.json: rope_parameters.low_freq_factor missing \(needed with rope_type 'llama3'\)"),
     ("rope_scaling", {"type": "linear", "factor": 2.0}, r"config.json: rope_scaling.rope_type='linear'"),
     ("model_type", "mistral", r"config.json: model_type='mistral'"),
     ("attention_bias", True, r"config.json: attention_bias=true"),

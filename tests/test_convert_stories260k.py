@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import shared_file
 from lima_jax import checkpoint, convert, rundir
 from lima_jax.config import ModelConfig, load_config_file
+from lima_jax.data.formats import DataError
 from lima_jax.model import Llama
 from lima_jax.tokenizer import Tokenizer
 
@@ -153,7 +154,8 @@ def test_stories260k_finetuned_export_matches_in_transformers(stories, finetuned
     print(f"\nfine-tuned stories260K (tied embeddings, EOT) lima_jax -> HF: max |logit diff| = {diff:.2e} (tol 1e-4)")
     assert diff < 1e-4
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
-    assert hf_tok.eos_token_id == tok.eot_id == model.generation_config.eos_token_id
+    assert hf_tok.eos_token_id == tok.eot_id
+    assert model.generation_config.eos_token_id == [tok.eot_id, tok.eos_id]
     assert hf_tok(STORY).input_ids == [tok.bos_id] + tok.encode(STORY)
 
 
@@ -186,3 +188,60 @@ def test_init_from_bfloat16_import_grows_eot_row(stories, tmp_path):
     np.testing.assert_array_equal(embedding[:512], expected)
     np.testing.assert_allclose(embedding[512], expected.mean(0), rtol=1e-5, atol=1e-6)
     assert "lm_head" not in loaded  # tied: the EOT logit uses the new embedding row
+
+
+def test_base_model_is_sampled_as_plain_completion(stories, tmp_path, capsys):
+    """`generate --prompt_format=completion` on the import (no EOT row): `<bos> text`, continued greedily
+    exactly as the full-forward reference does; the chat format refuses the base model, naming the way out."""
+    from lima_jax import generate
+    from lima_jax.errors import ConfigError
+    ckpt, cfg, params, tok = stories
+    text = "Once upon a time, there was a little girl"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "text": text}) + "\n")
+    out = tmp_path / "base.jsonl"
+    flags = ["--config", str(REPO / "configs" / "stories260k.py"),
+             f"--config.tokenizer.path={shared_file('llama/tok512.model')}", "--checkpoint", str(ckpt),
+             "--prompts", str(prompts), "--out", str(out), "--greedy", "--repetition_penalty", "1", "--max_new_tokens",
+             "24", "--batch_size", "1"]
+    with pytest.raises(ConfigError, match="a base model .* --prompt_format=completion"):
+        generate.main(flags)
+    generate.main(flags + ["--prompt_format", "completion"])
+    assert "prompt format: completion" in capsys.readouterr().out
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    prompt = [tok.bos_id] + tok.encode(text)
+    reference = greedy(Llama(cfg), params, prompt, 24)[len(prompt):]
+    if tok.eos_id in reference:
+        reference = reference[:reference.index(tok.eos_id)]
+    assert record["response"] == tok.decode(reference) and record["prompt_tokens"] == len(prompt)
+    assert record["response_tokens"] == len(reference) and record["stop_reason"] in ("eos", "max_new_tokens")
+    multi = tmp_path / "multi.jsonl"
+    multi.write_text(json.dumps({"id": "m", "turns": ["Hi", "And then?"]}) + "\n")
+    with pytest.raises(DataError, match="2 turns; a completion prompt is one text"):
+        generate.main(flags[:5] + ["--prompts", str(multi)] + flags[7:] + ["--prompt_format", "completion"])
+
+
+def test_stories260k_finetuned_export_generates_as_lima_jax_in_transformers(finetuned, tmp_path):
+    """Greedy decoding (no repetition penalty) of the fine-tuned model: transformers' `generate` on the
+    export gives lima_jax's tokens, stop token included where lima_jax stopped; its chat ids are lima_jax's."""
+    torch = pytest.importorskip("torch", reason="torch is in the 'parity' extra")
+    transformers = pytest.importorskip("transformers", reason="transformers is in the 'parity' extra")
+    from lima_jax.generation import SamplingConfig, build_generator
+    workdir, _ = finetuned
+    convert.main(["to_hf", "--input", str(workdir), "--output", str(tmp_path / "hf")])
+    config = load_config_file(workdir / "config.json")
+    generator = build_generator(config, rundir.resolve_checkpoint(workdir), 4)
+    tok = generator.tokenizer
+    questions = ["How do I make coffee?", "What is the capital of France?", "Tell me a story about a dog."]
+    prompts = [tok.encode_dialog([q]).ids for q in questions]
+    ours = generator.generate_ids(prompts, SamplingConfig(greedy=True, repetition_penalty=1.0, max_new_tokens=24))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    for question, prompt, completion in zip(questions, prompts, ours):
+        inputs = hf_tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        assert inputs["input_ids"][0].tolist() == prompt
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=False, repetition_penalty=1.0, max_new_tokens=24)
+        stop = {"eot": [tok.eot_id], "eos": [tok.eos_id]}.get(completion.stop_reason, [])
+        assert out[0, len(prompt):].tolist() == completion.ids + stop, question

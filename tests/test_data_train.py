@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lima_jax import data
-from lima_jax.tokenizer import Tokenizer
+from lima_jax.tokenizer import load_tokenizer
 
 
 class Crash(RuntimeError):
@@ -35,7 +35,7 @@ def test_toy_training_with_packing_resumes_mid_epoch_with_exactly_the_remaining_
     config.train.checkpoint_every_steps = 1
     config.dev_report.epochs = ()
 
-    tokenizer = Tokenizer(config.tokenizer.path)
+    tokenizer = load_tokenizer(config)
     examples = data.load_examples(config.data.train_path, tokenizer, config.data.max_len).examples
     plan = data.plan_steps(examples, batch_size=batch_size, max_len=config.data.max_len, seed=config.seed,
                            packing=packing, num_epochs=2, row_multiple=8)  # 8 data shards

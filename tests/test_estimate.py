@@ -14,14 +14,14 @@ from lima_jax import data
 from lima_jax.analysis import estimate, hardware
 from lima_jax.analysis.layouts import LayoutReport, analytic_flops
 from lima_jax.config import model_config
-from lima_jax.tokenizer import Tokenizer
+from lima_jax.tokenizer import load_tokenizer
 
 SLICE = estimate.SliceSpec("test slice", chips=8, hosts=2, peak_tflops=100.0, hbm_gbps=1000.0, source="test")
 
 
 @pytest.fixture
 def toy_examples(toy_config):
-    tokenizer = Tokenizer(toy_config.tokenizer.path)
+    tokenizer = load_tokenizer(toy_config)
     return data.load_examples(toy_config.data.train_path, tokenizer, toy_config.data.max_len).examples
 
 

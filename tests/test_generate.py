@@ -11,7 +11,7 @@ from lima_jax import sharding
 from lima_jax.config import load_config_file, model_config
 from lima_jax.data.formats import DataError
 from lima_jax.generation import (Generator, SamplingConfig, answer_prompts, apply_repetition_penalty, choose_tokens,
-                                 top_p_mask)
+                                 integer_probs, nucleus_mass_units, top_p_mask)
 from lima_jax.records import read_prompts
 from lima_jax.model import Llama
 from tests.conftest import REPO, shared_file
@@ -20,9 +20,9 @@ PROMPTS = ["Hello there, how are you today?", "Hi", "What is the capital of Port
 
 
 def _toy(devices):
-    from lima_jax.tokenizer import Tokenizer
+    from lima_jax.tokenizer import load_tokenizer
     config = load_config_file(REPO / "configs" / "toy.py")
-    tokenizer = Tokenizer(config.tokenizer.path)
+    tokenizer = load_tokenizer(config)
     cfg = model_config(config, tokenizer.vocab_size)
     model = Llama(cfg)
     mesh, rules = sharding.make_mesh(config, devices), sharding.layout_rules(config)
@@ -280,3 +280,46 @@ def test_config_overrides_keep_the_field_type():
         apply_overrides(config, [("mesh.nope", "1")])
     with pytest.raises(ConfigError, match="expected an integer"):
         apply_overrides(config, [("train.batch_size", "eight")])
+
+
+def _sorted_nucleus(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """The reference: sort the whole vocabulary (ties: lower id first), keep a token while the exact mass of
+    the tokens before it is below top_p."""
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    mass = np.take_along_axis(np.asarray(integer_probs(jnp.asarray(logits))).astype(np.int64), order, axis=-1)
+    keep_sorted = np.cumsum(mass, axis=-1) - mass < nucleus_mass_units(top_p)
+    keep = np.zeros(logits.shape, bool)
+    np.put_along_axis(keep, order, keep_sorted, axis=-1)
+    return keep
+
+
+def _adversarial_logits(rng: np.random.Generator, vocab: int) -> list[np.ndarray]:
+    flat = np.zeros((3, vocab), np.float32)  # every token tied: the cut falls inside the tie
+    ten_equal = np.full((3, vocab), -1e9, np.float32)
+    ten_equal[:, rng.choice(vocab, 10, replace=False)] = 0.0  # ten tokens of mass 0.1: top_p 0.9 is on a boundary
+    peaked = rng.normal(size=(3, vocab)).astype(np.float32)
+    peaked[np.arange(3), rng.integers(0, vocab, 3)] = 40.0  # one token holds nearly all the mass
+    few_levels = rng.integers(0, 4, (3, vocab)).astype(np.float32) * 2.0  # large tie groups at a few levels
+    signed_zero = np.where(rng.random((3, vocab)) < 0.5, 0.0, -0.0).astype(np.float32)
+    signed_zero[:, :5] = 1.0
+    with_inf = rng.normal(size=(3, vocab)).astype(np.float32) * 4
+    with_inf[:, ::3] = -np.inf  # masked tokens (e.g. padded vocabulary rows) have no mass
+    return [flat, ten_equal, peaked, few_levels, signed_zero, with_inf]
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 0.5, 0.9, 0.999999])
+def test_top_p_without_sorting_keeps_exactly_the_sorted_nucleus(top_p):
+    rng = np.random.default_rng(int(top_p * 1e6))
+    mask = jax.jit(top_p_mask, static_argnums=1)
+    random_rows = np.concatenate([(rng.normal(size=(8, 1000)) * scale).astype(np.float32)
+                                  for scale in (0.1, 1.0, 3.0, 10.0)])
+    cauchy = rng.standard_cauchy((4, 32001)).astype(np.float32) / 0.7  # LIMA's vocabulary and temperature
+    for logits in (np.concatenate(_adversarial_logits(rng, 300)), random_rows, cauchy):
+        expected = _sorted_nucleus(logits, top_p)
+        got = np.asarray(mask(jnp.asarray(logits), top_p))
+        np.testing.assert_array_equal(got, expected)
+        assert got.any(axis=-1).all()  # never empty
+        keys = jax.random.split(jax.random.key(3), logits.shape[0])
+        draw = jax.vmap(jax.random.categorical)
+        np.testing.assert_array_equal(draw(keys, jnp.where(got, logits, -jnp.inf)),
+                                      draw(keys, jnp.where(expected, logits, -jnp.inf)))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from lima_jax.config import ModelConfig
+from lima_jax.errors import ConfigError
 from lima_jax.model import (Llama, apply_rope, attention_mask, grouped_query_attention, residual_dropout,
-                            residual_dropout_rates, resize_vocab)
+                            residual_dropout_rates, resize_vocab, rope_frequencies)
 
 CFG = ModelConfig(vocab_size=97, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=48,
                   max_seq_len=64, residual_dropout_max=0.3)
@@ -82,22 +83,59 @@ def test_padding_rows_give_finite_logits():
     assert np.isfinite(np.asarray(logits)).all()
 
 
-def test_rope_depends_only_on_relative_position():
+LLAMA31_ROPE = dict(rope_theta=500000.0, rope_type="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
+                    rope_high_freq_factor=4.0, rope_original_max_seq_len=8192)
+
+
+@pytest.mark.parametrize("rope", [{}, LLAMA31_ROPE], ids=["default", "llama3"])
+def test_rope_depends_only_on_relative_position(rope):
     q = jax.random.normal(jax.random.key(0), (1, 1, 1, 16))
     k = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))
 
     def score(m, n, theta=10000.0):
-        qm = apply_rope(q, jnp.array([[m]]), theta)
-        kn = apply_rope(k, jnp.array([[n]]), theta)
+        cfg = dataclasses.replace(CFG, **{"rope_theta": theta, **rope})  # llama3: its own theta
+        qm = apply_rope(q, jnp.array([[m]]), cfg)
+        kn = apply_rope(k, jnp.array([[n]]), cfg)
         return float(jnp.sum(qm * kn))
 
     assert score(3, 1) == pytest.approx(score(10, 8), abs=1e-5)
     assert score(100, 90) == pytest.approx(score(17, 7), abs=1e-5)
     assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
     assert score(5, 2, theta=500000.0) == pytest.approx(score(9, 6, theta=500000.0), abs=1e-5)  # LLaMA-3 theta
-    np.testing.assert_allclose(apply_rope(q, jnp.array([[0]]), 10000.0), q, atol=1e-7)  # position 0: identity
-    norm = jnp.linalg.norm(apply_rope(q, jnp.array([[42]]), 10000.0))
+    cfg = dataclasses.replace(CFG, **rope)
+    np.testing.assert_allclose(apply_rope(q, jnp.array([[0]]), cfg), q, atol=1e-7)  # position 0: identity
+    norm = jnp.linalg.norm(apply_rope(q, jnp.array([[42]]), cfg))
     assert float(norm) == pytest.approx(float(jnp.linalg.norm(q)), rel=1e-5)  # a rotation
+
+
+def test_llama3_rope_scaling_bands():
+    """LLaMA-3.1's rule on a head of 128 (theta 500,000, factor 8, 1 / 4, original 8,192), against the formula
+    in float64: wavelengths under 8192 / 4 keep their frequency, over 8192 / 1 are divided by 8, and between
+    the frequency blends from f / 8 to f; the default RoPE is the unscaled frequencies."""
+    plain = np.asarray(rope_frequencies(128, dataclasses.replace(CFG, rope_theta=500000.0)))
+    scaled = np.asarray(rope_frequencies(128, dataclasses.replace(CFG, **LLAMA31_ROPE)))
+    base = 1.0 / 500000.0 ** (np.arange(0, 128, 2) / 128)
+    np.testing.assert_allclose(plain, base, rtol=1e-6)
+    wavelen = 2 * np.pi / base
+    high, low, medium = wavelen < 2048, wavelen > 8192, (wavelen >= 2048) & (wavelen <= 8192)
+    assert high.sum() and low.sum() and medium.sum()  # every band is exercised
+    smooth = (8192 / wavelen - 1) / (4 - 1)
+    expected = np.where(high, base, np.where(low, base / 8, (1 - smooth) * base / 8 + smooth * base))
+    np.testing.assert_allclose(scaled, expected, rtol=1e-5)
+    assert np.all(scaled[medium] < base[medium]) and np.all(scaled[medium] > base[medium] / 8)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(rope_type="yarn"), r"ModelConfig.rope_type='yarn': must be one of \('default', 'llama3'\)"),
+    (dict(LLAMA31_ROPE, rope_scaling_factor=0.5), r"ModelConfig.rope_scaling_factor=0.5: must be a number >= 1"),
+    (dict(LLAMA31_ROPE, rope_high_freq_factor=1.0), r"rope_high_freq_factor=1.0: must be a number > "
+                                                    r"rope_low_freq_factor=1.0"),
+    (dict(LLAMA31_ROPE, rope_original_max_seq_len=None), r"rope_original_max_seq_len=None: must be a positive int"),
+    (dict(rope_scaling_factor=8.0), r"rope_scaling_factor=8.0: is only used with rope_type='llama3'"),
+])
+def test_bad_rope_settings_are_refused_by_model_config(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(CFG, **fields)
 
 
 def test_grouped_query_attention_equals_full_attention_with_repeated_kv():

@@ -20,11 +20,11 @@ import jax
 import numpy as np
 import pytest
 
-from lima_jax import checkpoint, preemption
+from lima_jax import checkpoint, manifest, preemption
 from lima_jax.errors import Preempted
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-TIMEOUT_S = 300
+TIMEOUT_S = int(os.environ.get("LIMA_TEST_TIMEOUT_S", "300"))  # more on a crowded machine
 STEPS_PER_EPOCH, EPOCHS = 6, 2
 MESSAGE = re.compile(r"preempted at epoch (\d+) step (\d+): checkpoint (\S+) written; run the same command again "
                      r"to resume")
@@ -39,6 +39,22 @@ def slow_seal(folder):
     time.sleep(2.0)
     original(folder)
 checkpoint.seal = slow_seal
+sys.argv = ["lima_jax.train", *sys.argv[1:]]
+runpy.run_module("lima_jax.train", run_name="__main__")
+"""
+
+# `python -m lima_jax.train` with orbax's background finalization of one step's save (LIMA_TEST_SLOW_STEP) held
+# back LIMA_TEST_SLOW_S seconds, announced on stdout: an async save that stays in flight while the loop goes on.
+_SLOW_ASYNC_SAVE = r"""
+import os, sys, time, runpy
+import orbax.checkpoint as ocp
+original = ocp.CheckpointManager._finalize
+def slow_finalize(self, step, *args):
+    if step == int(os.environ["LIMA_TEST_SLOW_STEP"]):
+        print(f"TEST writing {step} in the background", flush=True)
+        time.sleep(float(os.environ["LIMA_TEST_SLOW_S"]))
+    original(self, step, *args)
+ocp.CheckpointManager._finalize = slow_finalize
 sys.argv = ["lima_jax.train", *sys.argv[1:]]
 runpy.run_module("lima_jax.train", run_name="__main__")
 """
@@ -177,6 +193,73 @@ def test_a_second_signal_during_the_save_is_ignored_and_the_checkpoint_verifies(
     assert proc.returncode == 75, output[-3000:]
     assert output.count("saving, please wait") == 2, output[-3000:]
     check_preempted(output, workdir)
+
+
+# --- asynchronous mid-epoch saves (train.async_checkpointing) ---
+
+def sealed_steps(workdir) -> list[int]:
+    """The step folders whose manifest is written, each verified against it."""
+    steps = [s for s in checkpoint_steps(workdir)
+             if (pathlib.Path(workdir) / "checkpoints" / str(s) / manifest.MANIFEST).is_file()]
+    for s in steps:
+        assert checkpoint.verify_folder(pathlib.Path(workdir) / "checkpoints" / str(s)) == [], s
+    return steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("async_saves", [True, False])
+def test_periodic_saves_async_or_not_are_sealed_and_leave_training_bit_identical(reference, tmp_path, async_saves):
+    workdir, log = tmp_path / "run", tmp_path / "run.log"
+    proc = start(train_args(workdir, "--config.train.checkpoint_every_steps=2",
+                            f"--config.train.async_checkpointing={async_saves}"), log)
+    output = finish(proc, log)
+    assert proc.returncode == 0, output[-3000:]
+    assert sealed_steps(workdir) == checkpoint_steps(workdir) == [2, 4, 6, 8, 10, 12]
+    blocking = re.findall(r"checkpoint \S+/(\d+): written in [\d.]+ s \(([\d.]+) s of it blocking", output)
+    assert len(blocking) == 6, output[-3000:]
+    if async_saves:  # written in the background, sealed after at least one more step
+        assert re.search(r"checkpoint \S+/2: written in", output).start() > output.index("step 3/12")
+    assert_bit_identical(workdir, reference)
+
+
+@pytest.mark.slow
+def test_a_kill_during_an_async_save_resumes_from_the_last_sealed_one_and_matches(reference, tmp_path):
+    workdir, log = tmp_path / "run", tmp_path / "first.log"
+    proc = start(train_args(workdir, "--config.train.checkpoint_every_steps=2"), log, code=_SLOW_ASYNC_SAVE,
+                 LIMA_TEST_SLOW_STEP="4", LIMA_TEST_SLOW_S="120")
+    wait_until(lambda: "TEST writing 4" in log.read_text(), [proc], "the async save of step 4")
+    proc.send_signal(signal.SIGKILL)
+    output = finish(proc, log)
+    assert proc.returncode == -signal.SIGKILL
+    assert sealed_steps(workdir) == [2], output[-3000:]  # step 4's folder, if orbax renamed it, has no manifest
+
+    output = finish(start(train_args(workdir, "--config.train.checkpoint_every_steps=2"), log), log)
+    assert f"resumed from {workdir / 'checkpoints' / '2'}" in output, output[-3000:]
+    assert sealed_steps(workdir) == [2, 4, 6, 8, 10, 12]
+    assert_bit_identical(workdir, reference)
+
+
+@pytest.mark.slow
+def test_sigterm_while_an_async_save_is_in_flight_seals_it_then_saves_the_stop(reference, tmp_path):
+    """The stop comes a step or two after the async save of step 3 started; the preemption checkpoint waits for
+    that save, seals it, then writes its own: both verify, exit 75, and the rerun matches."""
+    workdir, log = tmp_path / "run", tmp_path / "first.log"
+    args = train_args(workdir, "--config.train.checkpoint_every_steps=3")
+    proc = start(args, log, code=_SLOW_ASYNC_SAVE, LIMA_TEST_SLOW_STEP="3", LIMA_TEST_SLOW_S="8")
+    wait_until(lambda: "TEST writing 3" in log.read_text() and 4 in logged_steps(workdir), [proc],
+               "step 4 with the save of step 3 in flight")
+    proc.send_signal(signal.SIGTERM)
+    output = finish(proc, log)
+    assert proc.returncode == 75, output[-3000:]
+    stopped_at = int(MESSAGE.search(output).group(2))
+    assert stopped_at in (4, 5), output[-3000:]
+    assert sealed_steps(workdir) == checkpoint_steps(workdir) == [3, stopped_at]
+    assert output.index(f"checkpoint {workdir}/checkpoints/3: written") < output.index("preempted at")
+
+    output = finish(start(args, log), log)
+    assert f"resumed from {workdir / 'checkpoints' / str(stopped_at)}" in output, output[-3000:]
+    assert sealed_steps(workdir) == [3, stopped_at, 6, 9, 12]
+    assert_bit_identical(workdir, reference)
 
 
 # --- two processes (tests/test_multihost.py's set-up, through the command line) ---

@@ -30,8 +30,9 @@ def test_report_puts_epochs_side_by_side_with_lengths_and_eot_rates(tmp_path):
     page, md = html_path.read_text(), md_path.read_text()
     assert "Why &lt;b&gt;?" in page and "Because &lt;i&gt;." in page and "<i>" not in page  # escaped
     assert len(re.findall(r"<th>epoch 5</th>\s*<th>epoch 6</th>", page)) == 3  # side by side, per prompt
-    assert "| 5 | 50 | 3 | 4.7 | 3 | 9 | 67% | eot 2, max_new_tokens 1 |" in md
-    assert "| 6 | 60 | 3 | 2.3 | 2 | 4 | 67% | eot 2, max_new_tokens 1 |" in md
+    # EOT share, mean length and dev perplexity side by side ("-": this run has no reference answers)
+    assert "| 5 | 50 | 3 | 67% | 4.7 | - | 3 | 9 | eot 2, max_new_tokens 1 |" in md
+    assert "| 6 | 60 | 3 | 67% | 2.3 | - | 2 | 4 | eot 2, max_new_tokens 1 |" in md
     # Prompts follow the first epoch's order; each epoch's answer is matched by id, not by position.
     assert md.index("Because <i>.") < md.index("Since.") < md.index("Like this") < md.index("Like that")
     summary = dev_report.epoch_summary(dev_report.load_epoch_answers(tmp_path)[6])
@@ -55,6 +56,7 @@ def test_toy_run_writes_the_report_and_the_chosen_epoch_drives_generation(toy_co
     config.train.num_epochs = 2
     config.dev_report.epochs = (1, 2)
     config.dev_report.max_new_tokens = 8
+    config.dev_report.reference_path = config.data.train_path  # reference answers: dev perplexity per epoch
     workdir = tmp_path / "run"
     train(config, after_epoch=dev_report.dev_report_hook(config))
 
@@ -80,8 +82,12 @@ def test_toy_run_writes_the_report_and_the_chosen_epoch_drives_generation(toy_co
         assert p.turns[0] in page and p.turns[0] in md
     for epoch in (1, 2):
         s = dev_report.epoch_summary(answers[epoch])
-        assert f"| {epoch} | {answers[epoch][0]['step']} | 6 | {s['mean_tokens']:.1f} |" in md
-        assert f"{100 * s['eot_rate']:.0f}%" in md
+        ppl = dev_report.load_perplexities(workdir)[epoch]
+        assert f"| {epoch} | {answers[epoch][0]['step']} | 6 | {100 * s['eot_rate']:.0f}% | {s['mean_tokens']:.1f} | " \
+               f"{ppl:.3f} |" in md
+        assert f"<td>{ppl:.3f}</td>" in page
+    perplexities = dev_report.load_perplexities(workdir)
+    assert sorted(perplexities) == [1, 2] and 1.0 < perplexities[2] < perplexities[1] < 513  # it learns the answers
 
     report.main(["choose", "--workdir", str(workdir), "--epoch", "1", "--note", "test"])
     marker = rundir.read_chosen_epoch(workdir)
@@ -111,3 +117,17 @@ def test_toy_run_writes_the_report_and_the_chosen_epoch_drives_generation(toy_co
     assert again.read_text() == out.read_text()
     assert f"config: {workdir / 'config.json'}" in printed.err
     assert f"checkpoints/{marker['step']} (step {marker['step']}, epoch 1): the run's chosen epoch" in printed.out
+
+
+def test_answer_cap_comes_from_the_training_answers_unless_set(toy_config, toy_tokenizer):
+    from lima_jax import data
+    from lima_jax.data.formats import read_conversations
+    examples = data.load_examples(toy_config.data.train_path, toy_tokenizer, toy_config.data.max_len).examples
+    answer_tokens = sorted(dev_report.answer_lengths(examples))
+    assert len(answer_tokens) == sum(len(e.turns) // 2 for e in read_conversations(toy_config.data.train_path))
+    toy_config.dev_report.max_new_tokens = 0
+    cap = dev_report.answer_cap(toy_config, toy_tokenizer)
+    assert answer_tokens[len(answer_tokens) // 2] < cap <= answer_tokens[-1]  # the 99th percentile, EOT included
+    assert sum(n > cap for n in answer_tokens) <= 0.01 * len(answer_tokens) + 1
+    toy_config.dev_report.max_new_tokens = 48
+    assert dev_report.answer_cap(toy_config, toy_tokenizer) == 48

@@ -23,7 +23,7 @@ from lima_jax import checkpoint, data, runtime, sharding, training, train_step
 from lima_jax.config import ConfigError, model_config
 from lima_jax.model import Llama
 from lima_jax.optim import learning_rate_schedule, make_optimizer
-from lima_jax.tokenizer import Tokenizer
+from lima_jax.tokenizer import load_tokenizer
 
 STEPS = 3
 RTOL = 1e-4
@@ -37,7 +37,7 @@ def _with_mesh(config, layout: str, data_: int, fsdp: int, tensor: int, **train_
 
 def _state_and_step(config, devices):
     """What `lima_jax.training.train` builds, on `devices`: mesh, rules, state, jitted step, batch sharding."""
-    tokenizer = Tokenizer(config.tokenizer.path)
+    tokenizer = load_tokenizer(config)
     model_cfg = model_config(config, vocab_size=tokenizer.vocab_size)
     mesh = sharding.make_mesh(config, devices, vocab_size=model_cfg.vocab_size)
     rules = sharding.layout_rules(config, vocab_size=model_cfg.vocab_size, shape=mesh.devices.shape)

@@ -30,7 +30,7 @@ def test_eot_follows_every_utterance_and_only_assistant_tokens_are_targets(toy_t
         assert mask[bounds[i] + 1:bounds[i + 1] + 1].all() == (i % 2 == 1)  # the EOT shares its turn's mask
         assert not mask[bounds[i] + 1:bounds[i + 1] + 1].any() or i % 2 == 1
     assert tok.decode(tok.encode_dialog(["How do I boil an egg?"]).ids) == "How do I boil an egg?"  # no BOS/EOT
-    assert tok.eot_id == tok.sp.get_piece_size() and tok.vocab_size == tok.eot_id + 1
+    assert tok.eot_id == tok.backend.sp.get_piece_size() and tok.vocab_size == tok.eot_id + 1
     assert tok.eot_id != tok.eos_id
 
 
@@ -163,8 +163,8 @@ def test_the_data_cli_tokenizer_commands_rebuild_and_show_the_toy_tokenizer(tmp_
                           "--output", str(out)]) == 0
     rebuilt = Tokenizer(out)
     assert rebuilt.vocab_size == toy_tokenizer.vocab_size == 513  # 512 pieces + EOT
-    pieces = [rebuilt.sp.id_to_piece(i) for i in range(rebuilt.eot_id)]
-    assert pieces == [toy_tokenizer.sp.id_to_piece(i) for i in range(toy_tokenizer.eot_id)]
+    pieces = [rebuilt.backend.sp.id_to_piece(i) for i in range(rebuilt.eot_id)]
+    assert pieces == [toy_tokenizer.backend.sp.id_to_piece(i) for i in range(toy_tokenizer.eot_id)]
     capsys.readouterr()
     assert data_cli.main(["tokenizer", "encode", "--tokenizer", str(out), '["Hi", "Hello!"]']) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]

@@ -48,7 +48,7 @@ from lima_jax.data.pipeline import round_up
 from lima_jax.errors import ConfigError
 from lima_jax.paths import PathLike, as_path, atomic_write_text
 from lima_jax.records import read_prompts
-from lima_jax.tokenizer import Tokenizer
+from lima_jax.tokenizer import load_tokenizer
 
 # Defaults of the hardware assumptions, each with its source (the recipe's numbers live in configs/).
 DEFAULT_MFU = 0.40
@@ -109,7 +109,7 @@ def load_step_plan(config: ml_collections.ConfigDict) -> StepPlan:
             raise ConfigError(f"config.{field} is unset: the estimate counts the steps and tokens of the real "
                               f"training data (--config.{field}=...)")
     max_line_bytes = config.data.get("max_line_bytes", data.formats.MAX_LINE_BYTES)
-    report = data.load_examples(config.data.train_path, Tokenizer(config.tokenizer.path), config.data.max_len,
+    report = data.load_examples(config.data.train_path, load_tokenizer(config), config.data.max_len,
                                 config.data.loss_on, config.data.on_bad_example, max_line_bytes=max_line_bytes)
     return step_plan(config, report.examples)
 

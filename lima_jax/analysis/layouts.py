@@ -37,7 +37,7 @@ from lima_jax.errors import ConfigError
 from lima_jax.model import Llama
 from lima_jax.optim import learning_rate_schedule, make_optimizer
 from lima_jax.paths import PathLike, as_path
-from lima_jax.tokenizer import Tokenizer
+from lima_jax.tokenizer import load_tokenizer
 from lima_jax.train_step import abstract_batch, jit_train_step
 
 
@@ -242,12 +242,13 @@ def _time_steps(report: LayoutReport, cfg, compiled, model, tx, state_shardings,
 
 
 def resolve_vocab_size(config: ml_collections.ConfigDict, fallback: int) -> int:
-    """config.model.vocab_size, else the tokenizer's (with EOT) when its file exists, else `fallback`."""
+    """config.model.vocab_size, else the tokenizer's (EOT included) when its file or folder exists, else
+    `fallback`."""
     if config.model.vocab_size:
         return int(config.model.vocab_size)
     path = config.tokenizer.get("path", "")
-    if path and as_path(path).is_file():
-        return Tokenizer(path).vocab_size
+    if path and as_path(path).exists():
+        return load_tokenizer(config).vocab_size
     return fallback
 
 

@@ -26,12 +26,15 @@ checkpoint or a lima_jax Hugging Face export (marked by `output.EXPORT_MARKER`):
 old folder is deleted only after the new one is in place. Paths are `etils.epath` paths
 (`lima_jax.paths.as_path`): local, or gs:// URLs.
 
-Tokenizer export: the chat template escapes special-token text (`<eot>`, `<s>`, ...) in message content, and
-the tokenizer's normalizer undoes the escape, so a user who types `<eot>` gets the ids lima_jax gives it
-(text), not the EOT id (`tokenizer_export`).
+Tokenizer export: tokenizer.json beside the original tokenizer file (copied unchanged), every special id in
+`added_tokens_decoder`, and a chat template that reads messages as lima_jax's reader does (a system message
+joined to the first user turn, bad role orders a template error). It escapes special-token text (`<eot>`,
+`<s>`, ...) in message content, and the tokenizer's normalizer undoes the escape, so a user who types `<eot>`
+gets the ids lima_jax gives it (text), not the EOT id (`tokenizer_export`). config.json and
+generation_config.json list EOT and EOS as stop ids; generation_config.json carries LIMA's sampling.
 
 Modules, one concern each:
-  rope              interleaved_to_halves / halves_to_interleaved
+  rope              interleaved_to_halves / halves_to_interleaved; RoPE settings of config.json / params.json
   params_table      the Hugging Face name <-> lima_jax tree table
   source            the Source protocol of readers, input checks, dtype names
   safetensors_io    .safetensors header reader, tensor reads, writer
@@ -40,8 +43,10 @@ Modules, one concern each:
   meta_reader       MetaSource (params.json checks, model-parallel shard merging)
   llama2c_reader    Llama2cSource
   importer          check_source, import_checkpoint
-  tokenizer_export  write_hf_tokenizer, chat_template (special-token text escaped), CHAT_TEMPLATE
-  hf_writer         export_hf and its parts (model_to_hf_config, hf_tensors, write_hf_weights, ...)
+  tokenizer_export  write_hf_tokenizer, chat_template (roles checked, special-token text escaped),
+                    CHAT_TEMPLATE, added_tokens_decoder, ship_original_tokenizer
+  hf_writer         export_hf and its parts (model_to_hf_config, stop_token_ids, generation_config,
+                    hf_tensors, write_hf_weights, ...)
 """
 from lima_jax.conversion.hf_reader import HuggingFaceSource, hf_config_to_model
 from lima_jax.conversion.hf_writer import (export_hf, export_tokenizer, hf_tensors, load_lima_params,
@@ -50,7 +55,7 @@ from lima_jax.conversion.importer import check_source, import_checkpoint
 from lima_jax.conversion.llama2c_reader import Llama2cSource
 from lima_jax.conversion.meta_reader import MetaSource, meta_hidden_dim
 from lima_jax.conversion.output import EXPORT_MARKER, atomic_folder, check_output, is_hf_export, is_lima_output
-from lima_jax.conversion.rope import halves_to_interleaved, interleaved_to_halves
+from lima_jax.conversion.rope import describe_rope, halves_to_interleaved, interleaved_to_halves
 from lima_jax.conversion.safetensors_io import read_safetensors_header, read_tensor, write_safetensors
 from lima_jax.conversion.source import DTYPES, Source
 from lima_jax.conversion.tokenizer_export import CHAT_TEMPLATE, chat_template, write_hf_tokenizer
@@ -58,7 +63,8 @@ from lima_jax.errors import ConversionError
 
 __all__ = [
     "CHAT_TEMPLATE", "DTYPES", "EXPORT_MARKER", "ConversionError", "HuggingFaceSource", "Llama2cSource",
-    "MetaSource", "Source", "atomic_folder", "chat_template", "check_output", "check_source", "export_hf",
+    "MetaSource", "Source", "atomic_folder", "chat_template", "check_output", "check_source", "describe_rope",
+    "export_hf",
     "export_tokenizer", "halves_to_interleaved", "hf_config_to_model", "hf_tensors", "import_checkpoint",
     "interleaved_to_halves", "is_hf_export", "is_lima_output", "load_lima_params",
     "meta_hidden_dim", "model_to_hf_config", "read_safetensors_header", "read_tensor",

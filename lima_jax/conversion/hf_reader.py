@@ -9,6 +9,7 @@ import numpy as np
 from etils import epath
 
 from lima_jax.config import ModelConfig
+from lima_jax.conversion.rope import hf_rope_fields
 from lima_jax.conversion.safetensors_io import TensorEntry, read_safetensors_header, read_tensor
 from lima_jax.conversion.source import DTYPES, read_json, require
 from lima_jax.errors import ConversionError
@@ -64,7 +65,8 @@ _HF_SUPPORTED_ACT = ("silu",)
 
 def hf_config_to_model(hf: dict, where: Any) -> tuple[ModelConfig, str]:
     """(ModelConfig, stored dtype) from a LLaMA config.json, in the transformers 4 form (`rope_theta`,
-    `rope_scaling`, `torch_dtype`) or the transformers 5 form (`rope_parameters`, `dtype`)."""
+    `rope_scaling`, `torch_dtype`) or the transformers 5 form (`rope_parameters`, `dtype`); RoPE "default" or
+    "llama3" (`rope.hf_rope_fields`)."""
     def field(name: str, default: Any = dataclasses.MISSING) -> Any:
         if name in hf and hf[name] is not None:
             return hf[name]
@@ -77,12 +79,6 @@ def hf_config_to_model(hf: dict, where: Any) -> tuple[ModelConfig, str]:
     require(act in _HF_SUPPORTED_ACT, where, f"hidden_act={act!r}: only {_HF_SUPPORTED_ACT} is supported")
     for flag in ("attention_bias", "mlp_bias"):
         require(not field(flag, False), where, f"{flag}=true: lima_jax's LLaMA has no biases")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    field_name = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    require(rope_type == "default", where, f"{field_name}.rope_type={rope_type!r}: only 'default' RoPE is "
-            "supported (no scaled RoPE)")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     dim, n_heads = int(field("hidden_size")), int(field("num_attention_heads"))
     require(dim % n_heads == 0, where, f"hidden_size={dim} is not divisible by num_attention_heads={n_heads}")
     head_dim = field("head_dim", dim // n_heads)
@@ -95,6 +91,6 @@ def hf_config_to_model(hf: dict, where: Any) -> tuple[ModelConfig, str]:
     cfg = ModelConfig(
         vocab_size=int(field("vocab_size")), dim=dim, n_layers=int(field("num_hidden_layers")), n_heads=n_heads,
         n_kv_heads=n_kv, hidden_dim=int(field("intermediate_size")), norm_eps=float(field("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta), max_seq_len=int(field("max_position_embeddings", 2048)),
+        **hf_rope_fields(hf, where), max_seq_len=int(field("max_position_embeddings", 2048)),
         tie_embeddings=bool(field("tie_word_embeddings", False)), param_dtype=dtype)
     return cfg, dtype

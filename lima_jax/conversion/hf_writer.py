@@ -1,7 +1,8 @@
 """Export: a lima_jax checkpoint (parameter folder, training step folder, or a run: see
 `rundir.resolve_checkpoint`) written as a Hugging Face LLaMA folder that `transformers` loads offline:
-safetensors weights (sharded above a size), config.json, generation_config.json and the tokenizer, with
-lima_jax's EOT as the special and stop token, and last the marker `output.EXPORT_MARKER` by which a later
+safetensors weights (sharded above a size), config.json, generation_config.json (LIMA's sampling settings)
+and the tokenizer (tokenizer.json beside the original tokenizer.model), with lima_jax's EOT as a special
+token and EOT and EOS as stop tokens, and last the marker `output.EXPORT_MARKER` by which a later
 `--overwrite` recognizes the folder as an export it may replace. The parameters are held once; tensors are
 streamed out."""
 from __future__ import annotations
@@ -18,10 +19,12 @@ from lima_jax import rundir
 from lima_jax.config import ModelConfig, load_config_file
 from lima_jax.conversion.output import atomic_folder, check_output, mark_hf_export
 from lima_jax.conversion.params_table import hf_names, leaf, params_of
+from lima_jax.conversion.rope import hf_rope_config
 from lima_jax.conversion.safetensors_io import write_safetensors
 from lima_jax.conversion.source import numpy_dtype, require
 from lima_jax.conversion.tokenizer_export import write_hf_tokenizer
 from lima_jax.errors import ConversionError
+from lima_jax.generation import SamplingConfig
 from lima_jax.model import strip_vocab_padding
 from lima_jax.paths import PathLike, as_path
 from lima_jax.tokenizer import Tokenizer
@@ -29,7 +32,8 @@ from lima_jax.tokenizer import Tokenizer
 Checkpoint = PathLike | rundir.CheckpointChoice
 
 
-def model_to_hf_config(cfg: ModelConfig, dtype: str, bos_id: int, eos_id: int, pad_id: int | None) -> dict:
+def model_to_hf_config(cfg: ModelConfig, dtype: str, bos_id: int, eos_id: int | list[int],
+                       pad_id: int | None) -> dict:
     """A transformers LlamaConfig dict (written in the transformers 5 form, with `rope_theta` kept too
     so transformers 4 reads the same value)."""
     return {
@@ -37,11 +41,26 @@ def model_to_hf_config(cfg: ModelConfig, dtype: str, bos_id: int, eos_id: int, p
         "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_theta": cfg.rope_theta,
+        **hf_rope_config(cfg),
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id, "dtype": dtype,
         "torch_dtype": dtype, "use_cache": True,
     }
+
+
+def stop_token_ids(tok: Tokenizer, has_eot: bool) -> list[int]:
+    """Every id lima_jax's generation stops on (`generation.Generator`): EOT (first: transformers pads with the
+    first) and EOS; EOS alone for a model without the EOT row."""
+    return [tok.eot_id, tok.eos_id] if has_eot else [tok.eos_id]
+
+
+def generation_config(bos_id: int, stop_ids: list[int], sampling: SamplingConfig) -> dict:
+    """generation_config.json: LIMA's decoding (`SamplingConfig`'s defaults: nucleus p=0.9, temperature 0.7,
+    repetition penalty 1.2, 2,048 new tokens) and the stop ids. transformers and vLLM apply the repetition
+    penalty to the prompt's tokens too, lima_jax to the generated ones only (docs/checkpoints.md)."""
+    return {"bos_token_id": bos_id, "eos_token_id": stop_ids, "do_sample": not sampling.greedy,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0,
+            "repetition_penalty": sampling.repetition_penalty, "max_new_tokens": sampling.max_new_tokens}
 
 
 def hf_tensors(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
@@ -131,8 +150,8 @@ def export_hf(checkpoint: Checkpoint, tokenizer_path: PathLike | None, output: P
     """Writes a Hugging Face LLaMA folder (weights, config, tokenizer, generation config) for a lima_jax
     checkpoint (a path, or a `rundir.CheckpointChoice`). Without `tokenizer_path` the tokenizer is the one of
     the checkpoint's training run (`export_tokenizer`). When the vocabulary includes lima_jax's EOT
-    (sentencepiece size + 1), EOT becomes the tokenizer's special `<eot>`, the eos token and the generation
-    stop token.
+    (sentencepiece size + 1), EOT becomes the tokenizer's special `<eot>` and its eos token, and config.json and
+    generation_config.json list EOT and EOS as stop ids (`stop_token_ids`).
 
     The folder is written atomically (see `output.atomic_folder`): an existing non-empty `output` is refused
     unless `overwrite`, and is then replaced as a whole, so no file of an earlier export survives; with
@@ -150,9 +169,9 @@ def export_hf(checkpoint: Checkpoint, tokenizer_path: PathLike | None, output: P
         raise ConversionError(f"{choice.folder}: model vocabulary {cfg.vocab_size} matches neither the tokenizer "
                               f"{tokenizer_path} ({tok.eot_id} pieces) nor it plus EOT ({tok.vocab_size})")
     dtype = dtype or cfg.param_dtype
-    stop_id = tok.eot_id if has_eot else tok.eos_id
-    hf_config = model_to_hf_config(cfg, dtype, tok.bos_id, stop_id, None)
-    generation = {"bos_token_id": tok.bos_id, "eos_token_id": stop_id, "do_sample": False}
+    stop_ids = stop_token_ids(tok, has_eot)
+    hf_config = model_to_hf_config(cfg, dtype, tok.bos_id, stop_ids, None)
+    generation = generation_config(tok.bos_id, stop_ids, SamplingConfig())
     with atomic_folder(output, overwrite, inputs) as folder:
         write_hf_weights(folder, params, cfg, numpy_dtype(dtype), max_shard_bytes)
         (folder / "config.json").write_text(json.dumps(hf_config, indent=2))

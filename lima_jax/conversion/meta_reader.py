@@ -12,6 +12,7 @@ import numpy as np
 
 from lima_jax.config import ModelConfig
 from lima_jax.conversion.params_table import LAYER as _L
+from lima_jax.conversion.rope import meta_rope_fields
 from lima_jax.conversion.source import read_json, require
 from lima_jax.errors import ConversionError
 from lima_jax.paths import PathLike, as_path, is_remote
@@ -33,23 +34,25 @@ def meta_hidden_dim(params: dict) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-# params.json fields the import reads (`meta_hidden_dim` and `MetaSource`), or that do not change the network
-# (max_batch_size, max_seq_len: inference buffers). rope_scaling_factor / rope_high_freq_factor are only used
-# by Meta's code with use_scaled_rope, which is refused.
+# params.json fields the import reads (`meta_hidden_dim`, `MetaSource`, `rope.meta_rope_fields`), or that do
+# not change the network (max_batch_size, max_seq_len: inference buffers).
 META_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "rope_high_freq_factor",
                "max_batch_size", "max_seq_len")
 
 
+# The context of LLaMA-3.1/3.2 (scaled RoPE), whose params.json has no max_seq_len; 2,048 otherwise (LLaMA-1).
+META_SCALED_CONTEXT = 131072
+
+
 def check_meta_params(params: Any, where: Any) -> None:
-    """Refuses a params.json that would import as another function than Meta's: scaled RoPE (LLaMA-3.1/3.2)
-    and any field the converter does not know (multimodal, mixture-of-experts, QK-norm, chunked attention,
-    quantization, ... in later releases); a known-unknown field that is null or false is accepted."""
+    """Refuses a params.json that would import as another function than Meta's: any field the converter does
+    not know (multimodal, mixture-of-experts, QK-norm, chunked attention, quantization, ... in later releases);
+    a known-unknown field that is null or false is accepted. Scaled RoPE (`use_scaled_rope`, LLaMA-3.1/3.2) is
+    read by `rope.meta_rope_fields`."""
     require(isinstance(params, dict), where, "not a JSON object")
     for key in ("dim", "n_layers", "n_heads"):
         require(key in params, where, f"field '{key}' missing")
-    require(not params.get("use_scaled_rope"), where, "use_scaled_rope=true: only default RoPE is supported "
-            "(no scaled RoPE, as in LLaMA-3.1/3.2)")
     for key, value in params.items():
         require(key in META_FIELDS or value is None or value is False, where,
                 f"field '{key}'={json.dumps(value)} is not supported (unknown to the converter, it may change "
@@ -91,6 +94,7 @@ class MetaSource:
         params_path = folder / "params.json"
         params = read_json(params_path, "not found (expected Meta's params.json)")
         check_meta_params(params, params_path)
+        rope = meta_rope_fields(params, params_path)  # checked before any shard is opened, like the rest
         self.files = sorted(folder.glob("consolidated.*.pth"))
         require(bool(self.files), folder, "no consolidated.NN.pth files")
         numbers = [int(re.fullmatch(r"consolidated\.(\d+)\.pth", f.name).group(1)) for f in self.files]
@@ -113,8 +117,9 @@ class MetaSource:
         self.config = ModelConfig(
             vocab_size=int(vocab), dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
             n_kv_heads=params.get("n_kv_heads") or params["n_heads"], hidden_dim=meta_hidden_dim(params),
-            norm_eps=float(params.get("norm_eps", 1e-5)), rope_theta=float(params.get("rope_theta", 10000.0)),
-            max_seq_len=int(params.get("max_seq_len", 2048)), tie_embeddings=False, param_dtype=self.dtype)
+            norm_eps=float(params.get("norm_eps", 1e-5)), **rope, max_seq_len=int(params.get(
+                "max_seq_len", META_SCALED_CONTEXT if rope["rope_type"] == "llama3" else 2048)),
+            tie_embeddings=False, param_dtype=self.dtype)
         self.to_meta = {hf.format(i=i): (meta.format(i=i), axis) for meta, hf, axis in _META_NAMES
                         for i in range(self.config.n_layers if "{i}" in meta else 1)}
 

@@ -49,12 +49,47 @@ def _unescapes(specials: Sequence[str]) -> list[tuple[str, str]]:
     return [(c + ESCAPE, c) for c in sorted({token[0] for token in specials})]
 
 
+def _raise(message: str) -> str:
+    """A Jinja statement that fails the rendering with `message` (`raise_exception`: transformers, vLLM,
+    llama.cpp and llama-cpp-python all provide it)."""
+    return "{{ raise_exception(" + _jinja_string("lima_jax chat template: " + message) + ") }}"
+
+
 def chat_template(specials: Sequence[str]) -> str:
-    """lima_jax's turn format, `<bos> turn <eot> turn <eot> ...`, with each message's content escaped
-    (`_escapes`) so that special-token text in it is encoded as text (see the module docstring)."""
+    """lima_jax's turn format, `<bos> user <eot> assistant <eot> user <eot> ...`, read as
+    `lima_jax.data.formats` reads a `messages` record: an optional leading `system` message is joined to the
+    first user message (`system + "\n\n" + user`, LIMA's format has no system slot), then the roles must
+    alternate user, assistant, ... starting with the user; anything else, a non-string or empty turn, and
+    `add_generation_prompt` after an assistant message raise a template error naming the message. The
+    generation prompt adds nothing: the user's `<eot>` already opens the assistant's turn. Each turn's
+    content is escaped (`_escapes`) so special-token text in it is encoded as text (module docstring)."""
     filters = "".join(f" | replace({_jinja_string(a)}, {_jinja_string(b)})" for a, b in _escapes(specials))
-    return ("{{ bos_token }}{% for message in messages %}{{ message['content']" + filters
-            + " }}" + EOT_PIECE + "{% endfor %}")
+    order = ("roles must be: an optional system message, then user and assistant alternating, starting with "
+             "the user")
+    return (
+        "{%- if messages | length == 0 %}" + _raise("no messages") + "{%- endif %}"
+        "{%- if messages[0]['role'] == 'system' %}"
+        "{%- set system = messages[0]['content'] %}{%- set turns = messages[1:] %}{%- set offset = 1 %}"
+        "{%- if system is not string %}" + _raise("messages[0] (system): content must be a string") + "{%- endif %}"
+        "{%- if turns | length == 0 %}" + _raise("a system message must be followed by a user message")
+        + "{%- endif %}"
+        "{%- else %}{%- set system = none %}{%- set turns = messages %}{%- set offset = 0 %}{%- endif %}"
+        "{{- bos_token }}"
+        "{%- for message in turns %}"
+        "{%- set expected = 'user' if loop.index0 % 2 == 0 else 'assistant' %}"
+        "{%- if message['role'] != expected %}{{ raise_exception('lima_jax chat template: messages[' "
+        "~ (loop.index0 + offset) ~ '] has role ' ~ message['role'] ~ ', expected ' ~ expected ~ ' (" + order
+        + ")') }}{%- endif %}"
+        "{%- if message['content'] is not string %}{{ raise_exception('lima_jax chat template: messages[' "
+        "~ (loop.index0 + offset) ~ ']: content must be a string') }}{%- endif %}"
+        "{%- set content = message['content'] %}"
+        "{%- if loop.first and system is not none %}{%- set content = system ~ '\\n\\n' ~ content %}{%- endif %}"
+        "{%- if content | trim == '' %}{{ raise_exception('lima_jax chat template: messages[' "
+        "~ (loop.index0 + offset) ~ '] is empty') }}{%- endif %}"
+        "{{- content" + filters + " }}" + EOT_PIECE +
+        "{%- endfor %}"
+        "{%- if add_generation_prompt and turns[-1]['role'] != 'user' %}"
+        + _raise("add_generation_prompt needs the last message to be the user's") + "{%- endif %}")
 
 
 CHAT_TEMPLATE = chat_template(("<unk>", "<s>", "</s>", EOT_PIECE))  # LLaMA's sentencepiece specials
@@ -122,11 +157,44 @@ def write_hf_tokenizer(tok: Tokenizer, folder: epath.Path, with_eot: bool) -> No
     hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                       special_tokens=[(bos, tok.bos_id)])
     (folder / "tokenizer.json").write_text(hf.to_str(pretty=True), encoding="utf-8")
+    ids = {unk: proto.trainer_spec.unk_id, bos: tok.bos_id, eos: tok.eos_id}
+    if with_eot:
+        ids[EOT_PIECE] = tok.eot_id
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "unk_token": unk,
               "eos_token": EOT_PIECE if with_eot else eos, "add_bos_token": True, "add_eos_token": False,
-              "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000}
+              # each turn encoded on its own, with sentencepiece's dummy prefix, as `encode_dialog` does:
+              # what transformers' slow LlamaTokenizer calls legacy
+              "legacy": True, "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000,
+              # what LLaMA takes: without it transformers 4's PreTrainedTokenizerFast also returns
+              # token_type_ids, which `generate(**inputs)` refuses
+              "model_input_names": ["input_ids", "attention_mask"],
+              "added_tokens_decoder": added_tokens_decoder(ids)}
     if with_eot:
         config["chat_template"] = chat_template(specials)
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     special_map = {k: config[k] for k in ("bos_token", "eos_token", "unk_token")}
     (folder / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))
+    ship_original_tokenizer(tok, folder)
+
+
+def added_tokens_decoder(ids: dict[str, int]) -> dict[str, dict]:
+    """tokenizer_config.json's `added_tokens_decoder`: every special token (text -> id) marked special and
+    matched as written (not normalized, no stripping). Without it llama.cpp's converter takes the EOT id for
+    an unused `[PAD]` and transformers' slow tokenizer does not know `<eot>`."""
+    return {str(i): {"content": text, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                     "special": True} for text, i in sorted(ids.items(), key=lambda item: item[1])}
+
+
+ORIGINAL_TOKENIZER_FILE = "tokenizer.model"  # the sentencepiece (or Meta tiktoken) file's conventional name
+
+
+def ship_original_tokenizer(tok: Tokenizer, folder: epath.Path) -> None:
+    """The tokenizer file the model was trained with, copied byte for byte beside tokenizer.json as
+    `tokenizer.model`: transformers' sentencepiece `LlamaTokenizer` and llama.cpp's converter (piece scores
+    and types) read it, and without it llama.cpp gives every piece the same score.
+
+    Other backends (LLaMA-3, once the tokenizer interface has them): Meta's tiktoken `tokenizer.model` ships
+    under this same name, unchanged. A Hugging Face `tokenizer.json` source ships unchanged *as*
+    tokenizer.json when EOT is one of its own special tokens (nothing to add); with EOT as a new row the
+    export's tokenizer.json must add `<eot>`, so the original is that file plus one added token."""
+    (as_path(folder) / ORIGINAL_TOKENIZER_FILE).write_bytes(as_path(tok.path).read_bytes())

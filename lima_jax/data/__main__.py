@@ -4,16 +4,20 @@
                                      [--dev_file dev.jsonl]
   python -m lima_jax.data build jsonl --name NAME --train train.jsonl [--dev dev.jsonl] [--test test.jsonl]
                                       --data_dir OUT
-  python -m lima_jax.data stats --data PATH --tokenizer tokenizer.model [--max_len 2048] [--histogram out.png]
+  python -m lima_jax.data stats --data PATH --tokenizer FILE_OR_FOLDER [--eot new_row] [--max_len 2048]
+                                [--histogram out.png]
                                 [--on_bad_example error|skip] [--max_line_bytes 4194304] [--batch_size 32]
                                 [--num_epochs 15] [--seed 0] [--row_multiple 1]
   python -m lima_jax.data tokenizer train --input conversations.jsonl --output tokenizer.model [--vocab_size 512]
-  python -m lima_jax.data tokenizer encode --tokenizer tokenizer.model '["Hi", "Hello!"]'
+  python -m lima_jax.data tokenizer encode --tokenizer FILE_OR_FOLDER [--eot new_row] '["Hi", "Hello!"]'
 
 `build` prints each dataset folder; use it (optionally `FOLDER:split`) as `config.data.train_path`.
 `--data` of `stats` is a JSONL file or such a folder. `tokenizer train` builds a small byte-fallback BPE
 sentencepiece model from every turn of a conversation JSONL (how data/toy_tokenizer.model was made);
-`tokenizer encode` prints each token of a conversation with `T` on the training targets. Every path may be
+`tokenizer encode` prints each token of a conversation with `T` on the training targets. `--tokenizer` is a
+sentencepiece or tiktoken tokenizer.model, a tokenizer.json, or a folder holding one, and `--eot` the EOT
+choice, as `config.tokenizer.path` and `config.tokenizer.eot` (docs/model.md); both commands print the
+tokenizer they chose first (`encode` on stderr). Every path may be
 local or a gs:// URL. Nothing is downloaded: see docs/data.md. Bad input (a missing or malformed file)
 prints one `error: ...` line naming the file and exits with status 2.
 """
@@ -21,11 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Sequence
+import sys
+from typing import TYPE_CHECKING, Sequence
 
 from lima_jax import cli
 from lima_jax.errors import DataError
 from lima_jax.paths import as_path
+
+if TYPE_CHECKING:
+    from lima_jax.tokenizer import Tokenizer
 
 
 def _build(args: argparse.Namespace) -> None:
@@ -47,11 +55,11 @@ def _stats(args: argparse.Namespace) -> None:
     from lima_jax.data.formats import MAX_LINE_BYTES
     from lima_jax.data.pipeline import load_examples
     from lima_jax.data.stats import compute_stats, format_stats, write_histogram
-    from lima_jax.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer(as_path(args.tokenizer), "--tokenizer")
+    tokenizer = _open_tokenizer(args)
     report = load_examples(args.data, tokenizer, args.max_len, args.loss_on, args.on_bad_example,
                            max_line_bytes=args.max_line_bytes or MAX_LINE_BYTES)
+    print(f"tokenizer: {tokenizer.describe()}")  # after the data loaded: bad input prints only its error
     stats = compute_stats(args.data, report, args.max_len, args.batch_size, args.num_epochs, args.seed,
                           args.row_multiple)
     print(format_stats(stats))
@@ -74,9 +82,13 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
     print(f"wrote {args.output} (vocab {args.vocab_size} + EOT)")
 
 
-def _tokenizer_encode(args: argparse.Namespace) -> None:
+def _open_tokenizer(args: argparse.Namespace) -> Tokenizer:
     from lima_jax.tokenizer import Tokenizer
 
+    return Tokenizer(as_path(args.tokenizer), "--tokenizer", args.eot, "--eot")
+
+
+def _tokenizer_encode(args: argparse.Namespace) -> None:
     try:
         turns = json.loads(args.turns)
     except json.JSONDecodeError as e:
@@ -84,10 +96,18 @@ def _tokenizer_encode(args: argparse.Namespace) -> None:
                         "'[\"Hi\", \"Hello!\"]'") from None
     if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
         raise DataError(f"turns {args.turns!r}: expected a JSON list of strings, e.g. '[\"Hi\", \"Hello!\"]'")
-    tok = Tokenizer(as_path(args.tokenizer), "--tokenizer")
+    tok = _open_tokenizer(args)
+    print(f"tokenizer: {tok.describe()}", file=sys.stderr)
     dialog = tok.encode_dialog(turns)
     for token, is_target in zip(dialog.ids, dialog.assistant_mask):
         print(f"{token:>7} {'T' if is_target else '.'} {tok.id_to_piece(token)}")
+
+
+def _tokenizer_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", required=True, metavar="FILE", help="a sentencepiece or tiktoken tokenizer.model, "
+                   "a tokenizer.json, or a folder holding one (the backend is told by the content)")
+    p.add_argument("--eot", default="new_row", help="the EOT token: new_row (a new id after the tokenizer's, the "
+                   "default) or one of the tokenizer's special tokens, e.g. '<|eot_id|>' (config.tokenizer.eot)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -112,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
 
     stats = sub.add_parser("stats", help="counts, token lengths per source, trimming, steps per packing mode")
     stats.add_argument("--data", required=True, help="a JSONL file or a built dataset folder (FOLDER[:split])")
-    stats.add_argument("--tokenizer", required=True, metavar="FILE", help="sentencepiece model")
+    _tokenizer_flags(stats)
     stats.add_argument("--max_len", type=int, default=2048)
     stats.add_argument("--loss_on", default="assistant", choices=("assistant", "all"))
     stats.add_argument("--on_bad_example", default="error", choices=("error", "skip"))
@@ -138,7 +158,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--vocab_size", type=int, default=512, help="sentencepiece pieces (EOT comes on top)")
     train.set_defaults(run=_tokenizer_train)
     encode = actions.add_parser("encode", help="show how a conversation (JSON list of turns) is tokenized")
-    encode.add_argument("--tokenizer", required=True, metavar="FILE", help="sentencepiece model")
+    _tokenizer_flags(encode)
     encode.add_argument("turns", help='JSON list, e.g. \'["Hi", "Hello!"]\'')
     encode.set_defaults(run=_tokenizer_encode)
     return p

@@ -117,8 +117,8 @@ def iter_conversations(path: PathLike, schema: str = "auto",
 
 
 @functools.lru_cache(maxsize=2)
-def _worker_tokenizer(path: str) -> Tokenizer:
-    return Tokenizer(path)
+def _worker_tokenizer(path: str, eot: str) -> Tokenizer:
+    return Tokenizer(path, eot=eot)
 
 
 def _tokenize_or_error(tokenizer: Tokenizer, conv: Conversation, max_len: int, loss_on: str) -> Example | DataError:
@@ -128,9 +128,9 @@ def _tokenize_or_error(tokenizer: Tokenizer, conv: Conversation, max_len: int, l
         return e
 
 
-def _tokenize_chunk(tokenizer_path: str, convs: list[Conversation], max_len: int,
+def _tokenize_chunk(tokenizer_path: str, eot: str, convs: list[Conversation], max_len: int,
                     loss_on: str) -> list[Example | DataError]:
-    tokenizer = _worker_tokenizer(tokenizer_path)
+    tokenizer = _worker_tokenizer(tokenizer_path, eot)
     return [_tokenize_or_error(tokenizer, conv, max_len, loss_on) for conv in convs]
 
 
@@ -148,8 +148,9 @@ def tokenize_all(tokenizer: Tokenizer, convs: Sequence[Conversation], max_len: i
     chunk = math.ceil(len(convs) / (4 * num_workers))
     chunks = [list(convs[i:i + chunk]) for i in range(0, len(convs), chunk)]
     with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        done = pool.map(_tokenize_chunk, [str(tokenizer.path)] * len(chunks), chunks,
-                        [max_len] * len(chunks), [loss_on] * len(chunks))
+        n = len(chunks)
+        done = pool.map(_tokenize_chunk, [str(tokenizer.path)] * n, [tokenizer.eot] * n, chunks, [max_len] * n,
+                        [loss_on] * n)
         return [item for part in done for item in part]
 
 

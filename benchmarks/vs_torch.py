@@ -1,0 +1,120 @@
+"""One training step (forward, backward, AdamW) of lima_jax vs PyTorch + transformers on the CPU, side by side.
+
+    nice python benchmarks/vs_torch.py [--shapes peer,toy] [--rounds 5] [--threads N] [--xla_flags "..."]
+
+Shapes: `peer` is the issue's LLaMA shape (dim 256, 4 layers, 8 heads / 4 KV heads, ffn 688, vocab 8,000, batch
+8 x 512, float32); `toy` is configs/toy.py (batch 8 x 128). lima_jax runs its real train step (the jitted step
+`lima_jax.train` runs, through `lima_jax.analysis.bench.compile_case`: random tokens, one segment per row, LIMA's
+residual dropout on); PyTorch runs `LlamaForCausalLM` (SDPA attention, no dropout) with token cross-entropy and
+`torch.optim.AdamW` (betas 0.9/0.95, weight decay 0.1). After one warm-up step each, the two alternate for
+--rounds steps, with the same thread count (torch.set_num_threads; XLA's CPU client uses every core of the
+process, so --threads also pins the process to that many cores with sched_setaffinity). Prints the median
+step time of each and the ratio lima_jax / torch (< 1: lima_jax faster).
+
+--xla_flags: extra XLA_FLAGS for this run (set before jax is imported), e.g. to try a CPU flag; the ratio to
+torch, measured in the same process, is what to compare between runs on a loaded machine. Needs torch and
+transformers (`pip install "lima_jax[parity]"`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PEER = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=688, vocab_size=8000, batch=8, length=512)
+
+
+def shape_overrides(name: str) -> list[tuple[str, str]]:
+    """Config overrides of configs/toy.py giving the named shape (float32, no remat, one device)."""
+    common = [("model.compute_dtype", "float32"), ("model.param_dtype", "float32"), ("model.remat_policy", "none"),
+              ("mesh.data", "1")]
+    if name == "toy":
+        return common
+    if name == "peer":
+        p = PEER
+        return common + [("model.dim", str(p["dim"])), ("model.n_layers", str(p["n_layers"])),
+                         ("model.n_heads", str(p["n_heads"])), ("model.n_kv_heads", str(p["n_kv_heads"])),
+                         ("model.hidden_dim", str(p["hidden_dim"])), ("model.vocab_size", str(p["vocab_size"])),
+                         ("model.max_seq_len", str(p["length"])), ("data.max_len", str(p["length"])),
+                         ("train.batch_size", str(p["batch"]))]
+    raise SystemExit(f"--shapes: unknown shape {name!r} (peer, toy)")
+
+
+def torch_step(case, threads: int):
+    """A PyTorch + transformers train step of the same shape and optimizer as `case`; returns a timer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(threads)
+    m, cfg = case.model_cfg, case.cfg
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.dim, intermediate_size=m.hidden_dim, num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.max_seq_len,
+        rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=False, attention_dropout=0.0,
+        attn_implementation="sdpa"))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    rows, length = cfg.train.batch_size, cfg.data.max_len
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, m.vocab_size, (rows, length), generator=generator)
+    targets = torch.roll(tokens, -1, dims=1)
+
+    def step() -> float:
+        tic = time.perf_counter()
+        logits = model(input_ids=tokens).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, m.vocab_size), targets.reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(loss.detach())
+        return time.perf_counter() - tic
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="peer,toy", help="comma-separated: peer, toy (default both)")
+    p.add_argument("--rounds", type=int, default=5, help="timed steps of each, alternating (default 5)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="threads for both (default: the cores this process may use)")
+    p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for this run")
+    args = p.parse_args()
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+
+    import jax
+
+    from lima_jax.analysis import bench
+    from lima_jax.config import load_config_file
+
+    config = load_config_file(REPO / "configs" / "toy.py")
+    print(f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}; {args.threads} threads; load {os.getloadavg()[0]:.1f} "
+          f"(1-min average) on {os.cpu_count()} cores; jax {jax.__version__}", flush=True)
+    for name in args.shapes.split(","):
+        variant = bench.Variant(name, tuple(shape_overrides(name)))
+        case = bench.compile_case(config, variant, jax.devices()[:1])
+        timers = {"lima_jax": case.step, "torch": torch_step(case, args.threads)}
+        for timer in timers.values():  # warm-up
+            timer()
+        times = {label: [] for label in timers}
+        for _ in range(args.rounds):
+            for label, timer in timers.items():
+                times[label].append(timer())
+        median = {label: statistics.median(t) for label, t in times.items()}
+        m = case.model_cfg
+        print(f"{name}: dim {m.dim}, {m.n_layers} layers, {m.n_heads}/{m.n_kv_heads} heads, ffn {m.hidden_dim}, "
+              f"vocab {m.vocab_size}, batch {case.cfg.train.batch_size} x {case.cfg.data.max_len}, float32; median "
+              f"of {args.rounds}: lima_jax {median['lima_jax'] * 1e3:,.1f} ms, torch {median['torch'] * 1e3:,.1f} "
+              f"ms, ratio lima_jax/torch {median['lima_jax'] / median['torch']:.3f}; load now "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

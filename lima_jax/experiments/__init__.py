@@ -1,0 +1,1 @@
+"""Experiments that reproduce LIMA's findings with the project's own workflows (train, dev report, generate)."""
