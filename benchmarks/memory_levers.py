@@ -111,7 +111,8 @@ def main() -> None:
                       "compile_s": compile_s, "temp": memory.temp_size_in_bytes,
                       "args": memory.argument_size_in_bytes,
                       "peak": getattr(memory, "peak_memory_in_bytes", 0), "loss": float(metrics["loss"])}
-        print(f"  compiled {name} in {compile_s:.1f} s", flush=True)
+        print(f"  compiled {name} in {compile_s:.1f} s: temporaries {memory.temp_size_in_bytes / 2 ** 20:.0f} MiB, "
+              f"arguments {memory.argument_size_in_bytes / 2 ** 20:.0f} MiB", flush=True)
 
     for _ in range(args.steps):  # alternating: one step of every variant per round
         for name in names:
