@@ -33,6 +33,7 @@ def test_toy_training_with_packing_resumes_mid_epoch_with_exactly_the_remaining_
     config.train.batch_size = batch_size  # rows ("rows": divisible by the 8 test devices) or examples
     config.train.num_epochs = 2
     config.train.checkpoint_every_steps = 1
+    config.train.async_checkpointing = False  # the crash must find step crash_after's checkpoint sealed
     config.dev_report.epochs = ()
 
     tokenizer = load_tokenizer(config)

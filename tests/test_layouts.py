@@ -85,8 +85,8 @@ def test_bad_topology_names_are_rejected(name):
 
 
 def test_analytic_flops_is_6n_plus_attention(toy_config):
-    cfg = model_config(toy_config, vocab_size=512)
-    matmul = cfg.num_params() - cfg.vocab_size * cfg.dim - cfg.n_layers * 2 * cfg.dim - cfg.dim
+    cfg = model_config(toy_config, vocab_size=513)  # padded to 640 (model.vocab_multiple 128)
+    matmul = cfg.num_params() - cfg.padded_vocab_size * cfg.dim - cfg.n_layers * 2 * cfg.dim - cfg.dim
     tokens = 8 * 128
     assert layouts.analytic_flops(cfg, 8, 128) == 6 * matmul * tokens + 12 * cfg.n_layers * 128 * cfg.dim * tokens
 

@@ -252,7 +252,8 @@ def test_sigterm_while_an_async_save_is_in_flight_seals_it_then_saves_the_stop(r
     output = finish(proc, log)
     assert proc.returncode == 75, output[-3000:]
     stopped_at = int(MESSAGE.search(output).group(2))
-    assert stopped_at in (4, 5), output[-3000:]
+    # step 4 is logged once step 5 is dispatched (metrics are read a step late): the stop is at 5 or 6
+    assert stopped_at in (5, 6), output[-3000:]
     assert sealed_steps(workdir) == checkpoint_steps(workdir) == [3, stopped_at]
     assert output.index(f"checkpoint {workdir}/checkpoints/3: written") < output.index("preempted at")
 

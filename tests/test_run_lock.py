@@ -364,7 +364,7 @@ def test_training_stops_before_the_next_checkpoint_once_another_run_took_over(to
     def after_epoch(end) -> None:
         if end.epoch == 1:  # another job takes the workdir over while this run is between checkpoints
             (workdir / "run.lock").write_bytes(thief.to_bytes())
-            time.sleep(1.0)
+            time.sleep(3.0)  # 30 heartbeats: time for the heartbeat thread to notice, even on a loaded machine
 
     with pytest.raises(RunLocked, match=f"took over this run's workdir: run {thief.run_id} on host other-host"):
         training.train(toy_config, after_epoch=after_epoch)

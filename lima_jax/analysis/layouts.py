@@ -42,10 +42,11 @@ from lima_jax.train_step import abstract_batch, jit_train_step
 
 
 def analytic_flops(model_cfg: ModelConfig, batch: int, length: int) -> float:
-    """Model FLOPs of one training step: 6 * matmul params * tokens + attention (QK^T and AV, full L x L)."""
+    """Model FLOPs of one training step: 6 * matmul params * tokens + attention (QK^T and AV, full L x L). The LM
+    head counts the padded vocabulary (`model.vocab_multiple`): the matmul the step computes."""
     m = model_cfg
     attention = m.dim * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
-    matmul_params = m.n_layers * (attention + 3 * m.dim * m.hidden_dim) + m.vocab_size * m.dim  # + LM head
+    matmul_params = m.n_layers * (attention + 3 * m.dim * m.hidden_dim) + m.padded_vocab_size * m.dim  # + LM head
     tokens = batch * length
     return 6.0 * matmul_params * tokens + 12.0 * m.n_layers * length * m.dim * tokens
 

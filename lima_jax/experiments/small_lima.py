@@ -86,7 +86,7 @@ def build_data(out: pathlib.Path, seed: int = 0, train_size: int = 1000, tokeniz
     stats = {name: story_data.diversity(examples, tokenizer.encode)
              for name, examples in (("train", splits.train), ("dev", splits.dev), ("test", splits.test))}
     stats["request_tokens"] = {"median": statistics.median(requests), "max": max(requests)}
-    stats["unknown_pieces"] = sum(tokenizer.sp.unk_id() in tokenizer.encode(e.turns[0]) for e in splits.train)
+    stats["unknown_pieces"] = sum(tokenizer.backend.sp.unk_id() in tokenizer.encode(e.turns[0]) for e in splits.train)
     sample = splits.train[0].turns[0]
     stats["tokenized_sample"] = f"{sample} -> {' '.join(tokenizer.id_to_piece(i) for i in tokenizer.encode(sample))}"
     stats["test_subjects_unseen"] = not ({e.subject for e in splits.test} & {e.subject for e in splits.train})
