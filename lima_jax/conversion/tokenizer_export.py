@@ -58,8 +58,9 @@ def _raise(message: str) -> str:
     return "{{ raise_exception(" + _jinja_string("lima_jax chat template: " + message) + ") }}"
 
 
-def chat_template(specials: Sequence[str]) -> str:
-    """lima_jax's turn format, `<bos> user <eot> assistant <eot> user <eot> ...`, read as
+def chat_template(specials: Sequence[str], eot: str = EOT_PIECE) -> str:
+    """lima_jax's turn format, `<bos> user <eot> assistant <eot> user <eot> ...` (`eot`: the EOT token's text,
+    e.g. `<|eot_id|>` when LLaMA-3's own token is EOT), read as
     `lima_jax.data.formats` reads a `messages` record: an optional leading `system` message is joined to the
     first user message (`system + "\n\n" + user`, LIMA's format has no system slot), then the roles must
     alternate user, assistant, ... starting with the user; anything else, a non-string or empty turn, and
@@ -89,7 +90,7 @@ def chat_template(specials: Sequence[str]) -> str:
         "{%- if loop.first and system is not none %}{%- set content = system ~ '\\n\\n' ~ content %}{%- endif %}"
         "{%- if content | trim == '' %}{{ raise_exception('lima_jax chat template: messages[' "
         "~ (loop.index0 + offset) ~ '] is empty') }}{%- endif %}"
-        "{{- content" + filters + " }}" + EOT_PIECE +
+        "{{- content" + filters + " }}" + eot +
         "{%- endfor %}"
         "{%- if add_generation_prompt and turns[-1]['role'] != 'user' %}"
         + _raise("add_generation_prompt needs the last message to be the user's") + "{%- endif %}")
@@ -275,7 +276,7 @@ def _write_llama3_tokenizer(tok: Tokenizer, folder: epath.Path, with_eot: bool) 
               "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000_000,
               "model_input_names": ["input_ids", "attention_mask"], "added_tokens_decoder": decoder}
     if with_eot:
-        config["chat_template"] = chat_template(specials)
+        config["chat_template"] = chat_template(specials, eos)
     _write_configs(folder, config, ("bos_token", "eos_token"))
 
 
