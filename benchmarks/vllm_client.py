@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--vllm_python", required=True, help="interpreter with vLLM (its own venv)")
     parser.add_argument("--port", type=int, default=8711)
     parser.add_argument("--ready_timeout_s", type=float, default=900)
+    parser.add_argument("--memory_fraction", type=float, default=0.1, help="vLLM's --gpu-memory-utilization, on "
+                        "the CPU backend the share of host memory it reserves (its 0.92 default fails on a shared host)")
     parser.add_argument("--lima_prompts", default=str(SHARED / "lima" / "lima_test.jsonl"))
     parser.add_argument("--mt_bench", default=str(SHARED / "eval" / "mt_bench_question.jsonl"))
     args = parser.parse_args()
@@ -92,7 +94,8 @@ def main() -> None:
     log = (out / "vllm_serve.log").open("w")
     server = subprocess.Popen([args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", ref["hf"],
                                "--served-model-name", "lima", "--host", "127.0.0.1", "--port", str(args.port),
-                               "--dtype", "float32", "--max-model-len", "256"], stdout=log,
+                               "--dtype", "float32", "--max-model-len", "256",
+                               "--gpu-memory-utilization", str(args.memory_fraction)], stdout=log,
                               stderr=subprocess.STDOUT)
     try:
         ready = _wait_ready(base, server, args.ready_timeout_s)
