@@ -42,9 +42,10 @@ Modules, one concern each:
   hf_reader         HuggingFaceSource, hf_config_to_model
   meta_reader       MetaSource (params.json checks, model-parallel shard merging)
   llama2c_reader    Llama2cSource
-  importer          check_source, import_checkpoint
-  tokenizer_export  write_hf_tokenizer, chat_template (roles checked, special-token text escaped),
-                    CHAT_TEMPLATE, added_tokens_decoder, ship_original_tokenizer
+  importer          check_source, import_checkpoint, source_tokenizer (kept with the import)
+  tokenizer_export  write_hf_tokenizer (sentencepiece -> BPE; LLaMA-3 tiktoken -> Meta's byte-level BPE,
+                    tiktoken_to_hf; tokenizer.json + <eot>), chat_template (roles checked, special-token
+                    text escaped), CHAT_TEMPLATE, added_tokens_decoder, ship_original_tokenizer
   hf_writer         export_hf and its parts (model_to_hf_config, stop_token_ids, generation_config,
                     hf_tensors, write_hf_weights, ...)
 """
