@@ -81,7 +81,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8711)
     parser.add_argument("--ready_timeout_s", type=float, default=900)
     parser.add_argument("--memory_fraction", type=float, default=0.1, help="vLLM's --gpu-memory-utilization, on "
-                        "the CPU backend the share of host memory it reserves (its 0.92 default fails on a shared host)")
+                        "the CPU backend the share of host memory it reserves (its 0.92 default fails on a "
+                        "shared host)")
     parser.add_argument("--lima_prompts", default=str(SHARED / "lima" / "lima_test.jsonl"))
     parser.add_argument("--mt_bench", default=str(SHARED / "eval" / "mt_bench_question.jsonl"))
     args = parser.parse_args()
@@ -106,7 +107,8 @@ def main() -> None:
         server.wait(timeout=60)
     (out / "vllm_result.json").write_text(json.dumps(result, indent=2))
     ids = ", ".join(f"{k} {v}" for k, v in result.items() if k in ref["chat"])
-    print("| client | version | what was run | ids exact | stops | greedy equal |\n| --- | --- | --- | --- | --- | --- |")
+    print("| client | version | what was run | ids exact | stops | greedy equal |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     print(f"| vLLM OpenAI server | {version} | /tokenize (chat template) + /v1/chat/completions, temperature 0, "
           f"repetition_penalty 1, {NEW_TOKENS} tokens | {ids} | {result['stops']} | {result['greedy']} |")
 

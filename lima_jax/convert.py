@@ -8,7 +8,8 @@
 An import writes a lima_jax parameter checkpoint (`params/` + `model.json`) that `config.init_from` reads.
 `to_hf` reads such a folder, a training checkpoint (`workdir/checkpoints/<step>`) or a run directory (its
 chosen epoch, else its latest checkpoint; it prints which) and writes a folder that transformers loads offline;
-without `--tokenizer`/`--eot` it takes the run's `config.tokenizer.path` and `config.tokenizer.eot`. Every command writes
+without `--tokenizer`/`--eot` it takes the run's `config.tokenizer.path` and `config.tokenizer.eot`. Every command
+writes
 `<output>.lima-partial-<random>` and renames it onto `--output` when complete; a non-empty `--output` is
 replaced only with `--overwrite`, and only when it is a lima_jax checkpoint or export (any other folder is
 refused untouched). Paths may be local or gs:// URLs. The library is `lima_jax.conversion`;

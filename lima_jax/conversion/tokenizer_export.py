@@ -7,7 +7,8 @@ string, so a message containing `<eot>` would end its turn early (and could inje
 chat template therefore escapes every special token's text in message content: it inserts `ESCAPE` (U+FDD0,
 a Unicode noncharacter, reserved for internal use and never in real text) between the first two characters
 of every special token, `<eot>` -> `<\ufdd0eot>`, `<|eot_id|>` -> `<\ufdd0|eot_id|>`, which no longer match;
-an `ESCAPE` the user wrote after such a first character is doubled first, so the escaping is reversible. The first step of the tokenizer's normalizer undoes it (`<` +
+an `ESCAPE` the user wrote after such a first character is doubled first, so the escaping is reversible.
+The first step of the tokenizer's normalizer undoes it (`<` +
 ESCAPE -> `<`) before sentencepiece's own normalization, so the content encodes exactly as lima_jax encodes
 it, while the template's own `<s>` and `<eot>` still become their ids. `split_special_tokens` was not used:
 transformers' `apply_chat_template` tokenizes the rendered text with the tokenizer's setting, so the template's
