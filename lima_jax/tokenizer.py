@@ -130,7 +130,7 @@ def _family_ids(specials: dict[str, int], path: epath.Path, kind: str) -> tuple[
 
 
 @functools.lru_cache(maxsize=1)
-def _byte_level_alphabet() -> tuple[str, ...]:
+def byte_level_alphabet() -> tuple[str, ...]:
     """GPT-2's byte-to-character table, the pieces of a byte-level BPE `tokenizer.json` (so tiktoken's and
     Hugging Face's backends show a LLaMA-3 token the same way)."""
     printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
@@ -170,6 +170,7 @@ class TiktokenBackend:
         import tiktoken
 
         ranks = _tiktoken_ranks(data, path)
+        self.mergeable_ranks = ranks  # token bytes -> rank, as the file lists them (the export rebuilds a BPE)
         self.specials = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL_TOKENS)}
         self.encoding = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_SPLIT_PATTERN, mergeable_ranks=ranks,
                                           special_tokens=self.specials)
@@ -190,7 +191,7 @@ class TiktokenBackend:
     def piece(self, token: int) -> str:
         if token in self._names:
             return self._names[token]
-        alphabet = _byte_level_alphabet()
+        alphabet = byte_level_alphabet()
         return "".join(alphabet[b] for b in self.encoding.decode_single_token_bytes(token))
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from lima_jax.errors import ConfigError
-from lima_jax.tokenizer import (EOT_NEW_ROW, LLAMA3_SPECIAL_TOKENS, Tokenizer, _byte_level_alphabet,
+from lima_jax.tokenizer import (EOT_NEW_ROW, LLAMA3_SPECIAL_TOKENS, Tokenizer, byte_level_alphabet,
                                 _tiktoken_parts, detect_backend, load_tokenizer, tokenizer_file)
 from tests.conftest import REPO, SHARED_DATA, shared_file
 
@@ -28,7 +28,7 @@ def byte_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("byte_tokenizers")
     ranks = folder / "ranks.tiktoken"
     ranks.write_bytes(b"".join(base64.b64encode(bytes([b])) + b" %d\n" % b for b in range(256)))
-    hf = HFTokenizer(models.BPE(vocab={c: b for b, c in enumerate(_byte_level_alphabet())}, merges=[]))
+    hf = HFTokenizer(models.BPE(vocab={c: b for b, c in enumerate(byte_level_alphabet())}, merges=[]))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIAL_TOKENS])
@@ -197,7 +197,7 @@ def test_the_data_cli_shows_the_llama3_turn_format_with_a_chosen_eot(byte_files,
     out, err = capsys.readouterr()
     rows = [line.split() for line in out.splitlines()]
     assert rows == [["256", ".", "<|begin_of_text|>"], ["65", ".", "A"], ["265", ".", "<|eot_id|>"],
-                    *[[str(b), "T", _byte_level_alphabet()[b]] for b in b"<|eot_id|>"], ["265", "T", "<|eot_id|>"]]
+                    *[[str(b), "T", byte_level_alphabet()[b]] for b in b"<|eot_id|>"], ["265", "T", "<|eot_id|>"]]
     assert "(huggingface, llama3 family, 512 ids)" in err and "EOT 265 <|eot_id|>; model vocabulary 512" in err
 
 

@@ -42,16 +42,17 @@ Modules, one concern each:
   hf_reader         HuggingFaceSource, hf_config_to_model
   meta_reader       MetaSource (params.json checks, model-parallel shard merging)
   llama2c_reader    Llama2cSource
-  importer          check_source, import_checkpoint
-  tokenizer_export  write_hf_tokenizer, chat_template (roles checked, special-token text escaped),
-                    CHAT_TEMPLATE, added_tokens_decoder, ship_original_tokenizer
+  importer          check_source, import_checkpoint, source_tokenizer (kept with the import)
+  tokenizer_export  write_hf_tokenizer (sentencepiece -> BPE; LLaMA-3 tiktoken -> Meta's byte-level BPE,
+                    tiktoken_to_hf; tokenizer.json + <eot>), chat_template (roles checked, special-token
+                    text escaped), CHAT_TEMPLATE, added_tokens_decoder, ship_original_tokenizer
   hf_writer         export_hf and its parts (model_to_hf_config, stop_token_ids, generation_config,
                     hf_tensors, write_hf_weights, ...)
 """
 from lima_jax.conversion.hf_reader import HuggingFaceSource, hf_config_to_model
-from lima_jax.conversion.hf_writer import (export_hf, export_tokenizer, hf_tensors, load_lima_params,
+from lima_jax.conversion.hf_writer import (export_eot, export_hf, export_tokenizer, hf_tensors, load_lima_params,
                                            model_to_hf_config, write_hf_weights)
-from lima_jax.conversion.importer import check_source, import_checkpoint
+from lima_jax.conversion.importer import check_source, import_checkpoint, source_tokenizer
 from lima_jax.conversion.llama2c_reader import Llama2cSource
 from lima_jax.conversion.meta_reader import MetaSource, meta_hidden_dim
 from lima_jax.conversion.output import EXPORT_MARKER, atomic_folder, check_output, is_hf_export, is_lima_output
@@ -64,9 +65,9 @@ from lima_jax.errors import ConversionError
 __all__ = [
     "CHAT_TEMPLATE", "DTYPES", "EXPORT_MARKER", "ConversionError", "HuggingFaceSource", "Llama2cSource",
     "MetaSource", "Source", "atomic_folder", "chat_template", "check_output", "check_source", "describe_rope",
-    "export_hf",
+    "export_eot", "export_hf",
     "export_tokenizer", "halves_to_interleaved", "hf_config_to_model", "hf_tensors", "import_checkpoint",
     "interleaved_to_halves", "is_hf_export", "is_lima_output", "load_lima_params",
-    "meta_hidden_dim", "model_to_hf_config", "read_safetensors_header", "read_tensor",
+    "meta_hidden_dim", "model_to_hf_config", "read_safetensors_header", "read_tensor", "source_tokenizer",
     "write_hf_tokenizer", "write_hf_weights", "write_safetensors",
 ]

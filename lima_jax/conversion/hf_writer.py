@@ -27,7 +27,7 @@ from lima_jax.errors import ConversionError
 from lima_jax.generation import SamplingConfig
 from lima_jax.model import strip_vocab_padding
 from lima_jax.paths import PathLike, as_path
-from lima_jax.tokenizer import Tokenizer
+from lima_jax.tokenizer import EOT_NEW_ROW, Tokenizer
 
 Checkpoint = PathLike | rundir.CheckpointChoice
 
@@ -137,37 +137,59 @@ def export_tokenizer(checkpoint: Checkpoint, tokenizer: PathLike | None = None) 
     return as_path(path), f"config.tokenizer.path of the run's {run_config}"
 
 
-def _open_tokenizer(path: epath.Path) -> Tokenizer:
-    require(path.is_file(), path, "sentencepiece model not found (--tokenizer)")
+def export_eot(checkpoint: Checkpoint, eot: str | None = None) -> tuple[str, str]:
+    """(the EOT choice of the model, where it came from): `eot` when given, else `config.tokenizer.eot` of the
+    checkpoint's training run, else the paper's new row."""
+    if eot is not None:
+        return eot, "given (--eot)"
+    run_config = rundir.run_config_of(_choice(checkpoint).folder)
+    if run_config is None:
+        return EOT_NEW_ROW, "default (no training run config)"
+    choice = load_config_file(run_config).get("tokenizer", {}).get("eot")
+    return (choice, f"config.tokenizer.eot of the run's {run_config}") if choice else (EOT_NEW_ROW, "default")
+
+
+def _open_tokenizer(path: epath.Path, eot: str) -> Tokenizer:
+    require(path.is_file(), path, "tokenizer file not found (--tokenizer)")
     try:
-        return Tokenizer(path)
+        return Tokenizer(path, "--tokenizer", eot, "--eot")
     except (FileNotFoundError, ValueError) as e:
         raise ConversionError(str(e)) from None
 
 
+def _has_eot(tok: Tokenizer, cfg: ModelConfig, where: epath.Path, tokenizer_path: epath.Path) -> bool:
+    """Whether the model's vocabulary holds EOT: the tokenizer's size + 1 with a new-row EOT (the tokenizer's
+    size alone is a model without it, e.g. a pretrained one); a named EOT needs exactly the tokenizer's size."""
+    if cfg.vocab_size == tok.vocab_size:
+        return True
+    if tok.eot_is_new_row and cfg.vocab_size == tok.eot_id:
+        return False
+    raise ConversionError(f"{where}: model vocabulary {cfg.vocab_size} does not match the tokenizer "
+                          f"{tokenizer_path} ({tok.base_vocab_size} ids, EOT {tok.eot}: {tok.vocab_size} expected"
+                          + (f", or {tok.eot_id} for a model without EOT)" if tok.eot_is_new_row else ")"))
+
+
 def export_hf(checkpoint: Checkpoint, tokenizer_path: PathLike | None, output: PathLike, dtype: str | None = None,
-              max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> ModelConfig:
+              max_shard_bytes: int = 5 * 2**30, overwrite: bool = False, eot: str | None = None) -> ModelConfig:
     """Writes a Hugging Face LLaMA folder (weights, config, tokenizer, generation config) for a lima_jax
     checkpoint (a path, or a `rundir.CheckpointChoice`). Without `tokenizer_path` the tokenizer is the one of
-    the checkpoint's training run (`export_tokenizer`). When the vocabulary includes lima_jax's EOT
-    (sentencepiece size + 1), EOT becomes the tokenizer's special `<eot>` and its eos token, and config.json and
-    generation_config.json list EOT and EOS as stop ids (`stop_token_ids`).
+    the checkpoint's training run (`export_tokenizer`), and without `eot` its EOT choice (`export_eot`). When
+    the vocabulary includes lima_jax's EOT (a new row: tokenizer size + 1, or a named special token such as
+    LLaMA-3's `<|eot_id|>`), EOT is a special token (`<eot>` for a new row) and the eos token, and config.json
+    and generation_config.json list EOT and EOS as stop ids (`stop_token_ids`).
 
     The folder is written atomically (see `output.atomic_folder`): an existing non-empty `output` is refused
     unless `overwrite`, and is then replaced as a whole, so no file of an earlier export survives; with
     `overwrite` too, only a lima_jax checkpoint or export is replaced (`output.is_lima_output`)."""
     choice = _choice(checkpoint)
     tokenizer_path, _ = export_tokenizer(choice, tokenizer_path)
-    tok = _open_tokenizer(tokenizer_path)  # fails early, before the weights are read
+    tok = _open_tokenizer(tokenizer_path, export_eot(choice, eot)[0])  # fails early, before the weights are read
     given = None if isinstance(checkpoint, rundir.CheckpointChoice) else checkpoint
     inputs = [given, choice.folder, tokenizer_path]
     check_output(output, overwrite, inputs)  # likewise (creates nothing)
     params, cfg = load_lima_params(choice)
     params, cfg = unpadded(params, cfg)
-    has_eot = cfg.vocab_size == tok.vocab_size
-    if not has_eot and cfg.vocab_size != tok.eot_id:
-        raise ConversionError(f"{choice.folder}: model vocabulary {cfg.vocab_size} matches neither the tokenizer "
-                              f"{tokenizer_path} ({tok.eot_id} pieces) nor it plus EOT ({tok.vocab_size})")
+    has_eot = _has_eot(tok, cfg, choice.folder, tokenizer_path)
     dtype = dtype or cfg.param_dtype
     stop_ids = stop_token_ids(tok, has_eot)
     hf_config = model_to_hf_config(cfg, dtype, tok.bos_id, stop_ids, None)

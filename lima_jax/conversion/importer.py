@@ -13,7 +13,8 @@ from lima_jax.conversion.output import atomic_folder, check_output
 from lima_jax.conversion.params_table import Param, TreePath, hf_names, nest, params_of
 from lima_jax.conversion.rope import interleaved_to_halves
 from lima_jax.conversion.source import Source, numpy_dtype, require
-from lima_jax.paths import PathLike
+from lima_jax.paths import PathLike, as_path
+from lima_jax.tokenizer import FOLDER_FILES
 
 
 def check_source(source: Source) -> None:
@@ -51,10 +52,23 @@ def _kind_arrays(source: Source, dtype: np.dtype) -> Iterator[tuple[TreePath, np
         yield param.path, stacked
 
 
+def source_tokenizer(source: Source) -> str | None:
+    """The name of the tokenizer file in the source folder that the import keeps (a Hugging Face folder's
+    tokenizer.model, else its tokenizer.json; Meta's tokenizer.model, sentencepiece or LLaMA-3 tiktoken), in
+    the order `lima_jax.tokenizer` searches a folder, so the import folder itself works as
+    `config.tokenizer.path`; None for a single-file source (llama2.c) or a folder without one."""
+    location = getattr(source, "location", None)
+    if location is None or not as_path(location).is_dir():
+        return None
+    return next((name for name in FOLDER_FILES if (as_path(location) / name).is_file()), None)
+
+
 def import_checkpoint(source: Source, output: PathLike, dtype: str | None = None, extra: dict | None = None,
                       overwrite: bool = False) -> ModelConfig:
     """Validates `source` and writes it as a lima_jax parameter checkpoint in `dtype` (default: as stored),
-    atomically (see `output.atomic_folder`): an existing non-empty `output` is refused unless `overwrite`."""
+    atomically (see `output.atomic_folder`): an existing non-empty `output` is refused unless `overwrite`. The
+    source folder's tokenizer file (`source_tokenizer`) is copied unchanged into the checkpoint folder, so
+    `config.tokenizer.path` can name the import folder (or that file)."""
     check_source(source)
     inputs = [getattr(source, "location", None)]
     check_output(output, overwrite, inputs)
@@ -64,4 +78,7 @@ def import_checkpoint(source: Source, output: PathLike, dtype: str | None = None
     with atomic_folder(output, overwrite, inputs) as folder:
         checkpoint.save_params_incrementally(
             folder, (nest(path, array) for path, array in _kind_arrays(source, numpy_dtype(dtype))), cfg, meta)
+        tokenizer = source_tokenizer(source)
+        if tokenizer is not None:
+            (folder / tokenizer).write_bytes((as_path(source.location) / tokenizer).read_bytes())
     return cfg
