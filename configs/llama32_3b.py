@@ -1,8 +1,6 @@
-"""The LIMA recipe on LLaMA-3.2 3B: `lima_small.py` (batch 64, dropout 0.2) with this model shape.
-
-Meta's config.json: 3072 wide, 28 layers, 24 heads with 8 KV heads, SwiGLU 8,192, vocabulary 128,256, *tied*
-embeddings (the LM head is the embedding), RoPE as LLaMA-3.1 (`llama31_8b.py`) but with factor 32. 3.21B
-parameters.
+"""The LIMA recipe on LLaMA-3.2 3B: `llama32_1b.py` (the `lima_small.py` recipe, tied embeddings, LLaMA-3.1 RoPE
+with factor 32, the 128K-token BPE) with Meta's 3B shape: 3072 wide, 28 layers, 24 heads with 8 KV heads, SwiGLU
+8,192. 3.21B parameters.
 """
 import ml_collections
 
@@ -10,11 +8,6 @@ from lima_jax.config import load_sibling
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = load_sibling(__file__, "lima_small.py")
-    rope = load_sibling(__file__, "llama31_8b.py").model
-    c.model.update(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192, norm_eps=1e-05,
-                   max_seq_len=rope.max_seq_len, tie_embeddings=True,
-                   **{k: rope[k] for k in c.model if k.startswith("rope_")})
-    c.model.rope_scaling_factor = 32.0
-    # LLaMA-3.x ships a 128K-token BPE, not sentencepiece (see llama31_8b.py).
+    c = load_sibling(__file__, "llama32_1b.py")
+    c.model.update(dim=3072, n_layers=28, n_heads=24)
     return c

@@ -105,19 +105,17 @@ def _tile_needed(ranges: tuple[Array, Array], i: Array, j: Array) -> Array:
     return jnp.any((lo[i] <= hi[j]) & (lo[j] <= hi[i]) & (lo[i] <= hi[i]) & (lo[j] <= hi[j]))
 
 
-def _tile_mask(seg_q: Array, seg_k: Array, i: Array, j: Array, block: int) -> Array:
-    """[b, q, 1, 1, s] mask of one tile: causal by token index, same segment, key not padding."""
+def _tile_scores(q: Array, k: Array, seg: Array, i: Array, j: Array, block: int,
+                 scale: float) -> tuple[Array, Array]:
+    """One tile (query block i, key block j): its mask [b, q, 1, 1, s] (causal by token index, same segment,
+    key not padding) and its scaled scores [b, q, kv_heads, group, s] in float32, masked entries at _NEG."""
     q_index = i * block + jnp.arange(block)
     k_index = j * block + jnp.arange(block)
     causal = k_index[None, :] <= q_index[:, None]
-    allowed = causal[None] & (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_k != 0)[:, None, :]
-    return allowed[:, :, None, None, :]
-
-
-def _tile_probs_unnormalized(qb: Array, kb: Array, mask: Array, scale: float) -> Array:
-    """Scaled scores of one tile, [b, q, kv_heads, group, s], float32, masked entries at _NEG."""
-    scores = jnp.einsum("bqkgd,bskd->bqkgs", qb, kb, preferred_element_type=jnp.float32) * scale
-    return jnp.where(mask, scores, _NEG)
+    allowed = causal[None] & (seg[i][:, :, None] == seg[j][:, None, :]) & (seg[j] != 0)[:, None, :]
+    mask = allowed[:, :, None, None, :]
+    scores = jnp.einsum("bqkgd,bskd->bqkgs", q[i], k[j], preferred_element_type=jnp.float32) * scale
+    return mask, jnp.where(mask, scores, _NEG)
 
 
 def _blocked_forward(q: Array, k: Array, v: Array, seg: Array, block: int) -> tuple[Array, Array]:
@@ -139,8 +137,7 @@ def _blocked_forward(q: Array, k: Array, v: Array, seg: Array, block: int) -> tu
 
         def update(state):
             o_i, m_i, l_i = state
-            mask = _tile_mask(seg[i], seg[j], i, j, block)
-            s = _tile_probs_unnormalized(q[i], k[j], mask, scale)
+            mask, s = _tile_scores(q, k, seg, i, j, block, scale)
             m_new = jnp.maximum(m_i, s.max(axis=-1))
             p = jnp.exp(s - m_new[..., None]) * mask
             alpha = jnp.exp(m_i - m_new)
@@ -176,8 +173,7 @@ def _blocked_backward(q: Array, k: Array, v: Array, seg: Array, out: Array, lse:
 
         def update(state):
             dq_i, dk_j, dv_j = state
-            mask = _tile_mask(seg[i], seg[j], i, j, block)
-            s = _tile_probs_unnormalized(q[i], k[j], mask, scale)
+            mask, s = _tile_scores(q, k, seg, i, j, block, scale)
             p = jnp.exp(s - lse[i][..., None]) * mask
             do_i = d_out[i]
             dv_j = dv_j + jnp.einsum("bqkgs,bqkgd->bskd", p.astype(do_i.dtype), do_i,

@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
     check_prompts_fit(prompts, tokenizer, config.model.max_seq_len, args.prompt_format)
     choice = rundir.resolve_checkpoint(args.checkpoint)
     print(f"checkpoint: {choice.describe()}; prompt format: {args.prompt_format}", flush=True)
-    generator = build_generator(config, choice, args.batch_size, not args.no_cache, args.prompt_format)
+    generator = build_generator(config, choice, args.batch_size, not args.no_cache, args.prompt_format, tokenizer)
     records = answer_prompts(generator, prompts, settings, args.prompt_format)
     if jax.process_index() == 0:
         write_jsonl(args.out, records)

@@ -395,13 +395,15 @@ def answer_prompts(generator: Generator, prompts: Sequence[PromptRecord], settin
 
 
 def build_generator(config: ml_collections.ConfigDict, choice: CheckpointChoice, batch_size: int,
-                    use_cache: bool = True, prompt_format: str = "chat") -> Generator:
-    """Tokenizer, mesh and a checkpoint's parameters (checked against `config`'s model) in a Generator.
+                    use_cache: bool = True, prompt_format: str = "chat",
+                    tokenizer: Tokenizer | None = None) -> Generator:
+    """Tokenizer (`config`'s, unless the caller passes it already loaded), mesh and a checkpoint's parameters
+    (checked against `config`'s model) in a Generator.
 
     A base model (an import: its vocabulary is the tokenizer's without EOT) is sampled only with the
     "completion" format, which then takes the checkpoint's vocabulary; the chat format refuses it, naming
     the way out."""
-    tokenizer = load_tokenizer(config)
+    tokenizer = tokenizer or load_tokenizer(config)
     stored = rundir.stored_model_config(choice)["vocab_size"]
     base_model = tokenizer.eot_is_new_row and stored == tokenizer.base_vocab_size
     if base_model:
@@ -413,6 +415,6 @@ def build_generator(config: ml_collections.ConfigDict, choice: CheckpointChoice,
         config = copy.deepcopy(config)
         with config.unlocked():
             config.model.vocab_size = stored
-    rt = runtime.build(config, with_eot=not base_model)
+    rt = runtime.build(config, with_eot=not base_model, tokenizer=tokenizer)
     params = runtime.load_params(choice, rt)
     return Generator(rt.model_cfg, params, rt.tokenizer, rt.mesh, rt.rules, batch_size, use_cache)

@@ -49,11 +49,13 @@ class Runtime:
         return Llama(self.model_cfg)
 
 
-def build(config: ml_collections.ConfigDict, with_eot: bool = True) -> Runtime:
+def build(config: ml_collections.ConfigDict, with_eot: bool = True, tokenizer: Tokenizer | None = None) -> Runtime:
     """The Runtime of `config`, every part checked (tokenizer file, vocabulary, mesh) before any compilation.
-    `with_eot=False` admits a model without the EOT row (a base model, sampled as plain completion)."""
-    tokenizer = load_tokenizer(config)
-    logging.info("tokenizer: %s", tokenizer.describe())
+    `with_eot=False` admits a model without the EOT row (a base model, sampled as plain completion);
+    `tokenizer`, when the caller has already loaded `config`'s, is used instead of loading it again."""
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config)
+        logging.info("tokenizer: %s", tokenizer.describe())
     smallest = tokenizer.vocab_size if with_eot else tokenizer.base_vocab_size
     model_cfg = model_config(config, vocab_size=config.model.vocab_size or smallest)
     if model_cfg.vocab_size < smallest:

@@ -89,17 +89,20 @@ def test_export_logits_match_in_transformers(kind):
     assert hf["rope_theta"] == 10000.0
 
 
-def test_llama3_scaling_changes_the_logits(kind, tmp_path):
-    """Guards the parity above: the llama3 kinds' weights run with plain RoPE are far from transformers."""
+def test_the_other_rope_is_far_from_transformers(kind, tmp_path):
+    """Guards the parity above: each kind's weights run with the other RoPE (plain for the llama3 kinds, llama3
+    scaling for the plain ones) are far from transformers, so the parity really checks the RoPE kind."""
     name, model, root = kind
-    if KINDS[name][2] is None:
-        pytest.skip("a default-RoPE kind")
     params = checkpoint.restore_params(root / "lima")
     cfg = ModelConfig(**checkpoint.read_params_meta(root / "lima")["model"])
-    plain = dataclasses.replace(cfg, rope_type="default", rope_scaling_factor=None, rope_low_freq_factor=None,
-                                rope_high_freq_factor=None, rope_original_max_seq_len=None)
-    checkpoint.save_params(tmp_path / "plain", params, plain)
-    assert _diff(lima_logits(tmp_path / "plain", TOKENS), torch_logits(model, TOKENS)) > 0.1
+    if KINDS[name][2] is None:
+        other = dataclasses.replace(cfg, rope_type="llama3", rope_scaling_factor=8.0, rope_low_freq_factor=1.0,
+                                    rope_high_freq_factor=4.0, rope_original_max_seq_len=16)
+    else:
+        other = dataclasses.replace(cfg, rope_type="default", rope_scaling_factor=None, rope_low_freq_factor=None,
+                                    rope_high_freq_factor=None, rope_original_max_seq_len=None)
+    checkpoint.save_params(tmp_path / "other", params, other)
+    assert _diff(lima_logits(tmp_path / "other", TOKENS), torch_logits(model, TOKENS)) > 0.1
 
 
 @pytest.mark.parametrize("head_dim, theta, factor", [(128, 500000.0, 8.0), (64, 500000.0, 32.0), (16, 1e4, 8.0)])

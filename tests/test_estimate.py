@@ -108,7 +108,9 @@ def test_decoding_is_memory_bound_over_the_dev_reports(toy_config):
     # 3 dev epochs (5, 10, 15) x 1 batch (6 prompts, batch 8 on 4 batch ways) x the 48-token cap
     assert est.decode_steps == 3 * 1 * 48
     m = model_cfg
-    kv = 2 * m.n_layers * 8 * m.max_seq_len * m.n_kv_heads * m.head_dim * 4
+    cache_len = toy_config.data.max_len + 48  # as generation sizes the cache: prompt + cap, not the context
+    assert cache_len < m.max_seq_len
+    kv = 2 * m.n_layers * 8 * cache_len * m.n_kv_heads * m.head_dim * 4
     assert est.decode_step_ms == pytest.approx(1e3 * (4 * m.num_params() + kv) / (8 * 1000e9))
     more = estimate.estimate_layout(_report(), toy_config, model_cfg, plan, SLICE,
                                     estimate.Assumptions(dev_prompts=17))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -107,41 +108,64 @@ def _single_process_losses(toy_config, epochs: int, mesh: dict | None = None) ->
     return losses
 
 
-@pytest.mark.slow
-def test_two_processes_train_checkpoint_restore_and_agree(toy_config, tmp_path):
-    workdir = tmp_path / "two"
-    first = _run_two(workdir, stop_after_epoch=1)  # 2 epochs planned, stopped after the first
+def _toy_config(workdir: pathlib.Path):
+    from lima_jax.config import load_config_file
+    config = load_config_file(REPO / "configs" / "toy.py")
+    config.workdir = str(workdir)
+    return config
+
+
+@pytest.fixture(scope="module")
+def saved_on_two(tmp_path_factory) -> tuple[pathlib.Path, list[float]]:
+    """Two processes, 2 epochs planned, stopped right after the first epoch's checkpoint: the workdir (each
+    test resumes a copy) and the first epoch's losses, the same on both processes."""
+    workdir = tmp_path_factory.mktemp("two") / "run"
+    first = _run_two(workdir, stop_after_epoch=1)
     assert first[0] == first[1] and len(first[0]) == 6  # 48 toy examples / batch 8, every step logged
     assert (workdir / "metrics.jsonl").is_file()
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [6]
+    return workdir, first[0]
+
+
+@pytest.fixture(scope="module")
+def one_process_reference(tmp_path_factory) -> list[float]:
+    """The losses of the same 2 epochs in one uninterrupted process (8 devices, data parallel)."""
+    return _single_process_losses(_toy_config(tmp_path_factory.mktemp("one") / "run"), epochs=2)
+
+
+def _copy_of(workdir: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+    copy = tmp_path / workdir.name
+    shutil.copytree(workdir, copy)
+    return copy
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_restore_and_agree(saved_on_two, one_process_reference, tmp_path):
+    saved, first = saved_on_two
+    workdir = _copy_of(saved, tmp_path)
     second = _run_two(workdir, stop_after_epoch=0)  # both processes restore step 6 and train epoch 2
     assert second[0] == second[1] and len(second[0]) == 6
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))  # host 0 alone wrote them, once each
-
-    reference = _single_process_losses(toy_config, epochs=2)
-    print(f"two processes: {first[0] + second[0]}\none process: {reference}")
-    np.testing.assert_allclose(first[0] + second[0], reference, rtol=RTOL)
+    print(f"two processes: {first + second[0]}\none process: {one_process_reference}")
+    np.testing.assert_allclose(first + second[0], one_process_reference, rtol=RTOL)
 
 
 @pytest.mark.slow
-def test_a_run_saved_on_two_processes_resumes_on_one_with_another_mesh(toy_config, tmp_path):
+def test_a_run_saved_on_two_processes_resumes_on_one_with_another_mesh(saved_on_two, one_process_reference,
+                                                                       tmp_path):
     """Saved by 2 processes (data parallel over 8 devices, 8 rows per step), resumed by 1 process on a 2x2x2
     fsdp_tp mesh (4 batch shards, so packing plans 4 rows per step): the data position carries over exactly
     (the global batch order does not depend on hosts or rows) and the losses equal one uninterrupted process."""
-    from lima_jax.config import load_config_file
-    workdir = tmp_path / "two_then_one"
-    first = _run_two(workdir, stop_after_epoch=1)
-    assert len(first[0]) == 6
-    resumed_config = load_config_file(REPO / "configs" / "toy.py")
-    resumed_config.workdir = str(workdir)
-    resumed = _single_process_losses(resumed_config, epochs=2, mesh=dict(data=2, fsdp=2, tensor=2, layout="fsdp_tp"))
+    saved, first = saved_on_two
+    workdir = _copy_of(saved, tmp_path)
+    resumed = _single_process_losses(_toy_config(workdir), epochs=2,
+                                     mesh=dict(data=2, fsdp=2, tensor=2, layout="fsdp_tp"))
     assert len(resumed) == 6
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
-    reference = _single_process_losses(toy_config, epochs=2)
-    np.testing.assert_allclose(first[0] + resumed, reference, rtol=RTOL)
+    np.testing.assert_allclose(first + resumed, one_process_reference, rtol=RTOL)
 
 
 def test_unreachable_coordinator_fails_with_a_clear_error(tmp_path):

@@ -259,7 +259,7 @@ def test_sigterm_while_an_async_save_is_in_flight_seals_it_then_saves_the_stop(r
 
     output = finish(start(args, log), log)
     assert f"resumed from {workdir / 'checkpoints' / str(stopped_at)}" in output, output[-3000:]
-    assert sealed_steps(workdir) == [3, stopped_at, 6, 9, 12]
+    assert sealed_steps(workdir) == sorted({3, stopped_at, 6, 9, 12})  # a stop at 6 is also the periodic save
     assert_bit_identical(workdir, reference)
 
 

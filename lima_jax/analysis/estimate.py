@@ -235,12 +235,14 @@ class DecodePlan:
 def decode_plan(config: ml_collections.ConfigDict, model_cfg: ModelConfig, batch_ways: int,
                 num_prompts: int) -> DecodePlan:
     """Decode steps of the dev reports (every answer to the cap, the context's bound) and bytes per step:
-    the parameters in their stored dtype plus the KV cache buffer of a batch over the whole context."""
+    the parameters in their stored dtype plus a batch's KV cache buffer, which generation sizes to the prompt
+    plus the answer cap within the context (prompts taken as long as `data.max_len`, the longest trained on)."""
     epochs = sum(1 for e in config.dev_report.epochs if int(e) <= int(config.train.num_epochs))
     rows = math.ceil(int(config.dev_report.batch_size) / batch_ways) * batch_ways  # as generation.Generator
     steps = min(int(config.dev_report.max_new_tokens), model_cfg.max_seq_len)
     m = model_cfg
-    kv_bytes = 2 * m.n_layers * rows * m.max_seq_len * m.n_kv_heads * m.head_dim * _BYTES[m.compute_dtype]
+    cache_len = min(m.max_seq_len, int(config.data.max_len) + steps)
+    kv_bytes = 2 * m.n_layers * rows * cache_len * m.n_kv_heads * m.head_dim * _BYTES[m.compute_dtype]
     return DecodePlan(epochs, math.ceil(num_prompts / rows), rows, steps,
                       m.num_params() * _BYTES[m.param_dtype] + kv_bytes)
 
