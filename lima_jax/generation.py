@@ -403,7 +403,8 @@ def build_generator(config: ml_collections.ConfigDict, choice: CheckpointChoice,
     A base model (an import: its vocabulary is the tokenizer's without EOT) is sampled only with the
     "completion" format, which then takes the checkpoint's vocabulary; the chat format refuses it, naming
     the way out."""
-    tokenizer = tokenizer or load_tokenizer(config)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config)
     stored = rundir.stored_model_config(choice)["vocab_size"]
     base_model = tokenizer.eot_is_new_row and stored == tokenizer.base_vocab_size
     if base_model:

@@ -9,8 +9,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole session: the many `python -m lima_jax.train` subprocesses
 # (preemption, multi-host, CLI tests) compile the same toy programs; a cache hit replaces XLA's compile (a toy
-# run: ~50 s -> ~20 s on the loaded 2-core machine). Created by the first process (pytest, or xdist's controller,
-# whose environment the workers and every subprocess inherit) and removed by it at exit.
+# run: ~50 s -> ~20 s on the loaded 2-core machine). Created by the first process that imports this file, and
+# removed by it at exit; the subprocesses a test starts inherit it (a user's own JAX_COMPILATION_CACHE_DIR wins).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lima_jax_tests_jit_cache_")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
