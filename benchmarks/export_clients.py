@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ SYSTEM = "You are a helpful assistant. Answer briefly."
 MT_ANSWER = "Here is my first answer."
 GREEDY_PROMPTS = ["How do I make coffee?", "What is the capital of France?", "Tell me a story about a dog.",
                   "Write a short poem about the sun.", "What is the capital of Japan?"]
-NEW_TOKENS = 32
+NEW_TOKENS = 256  # long enough for a fine-tuned stories260K's answers to end on EOT (--new_tokens)
 
 
 # ------------------------------------------------------------------------------------------- reference
@@ -70,12 +71,12 @@ def reference(args: argparse.Namespace, out: pathlib.Path) -> pathlib.Path:
         "mt_bench_multi_turn": [chat(None, [q[0], MT_ANSWER, q[1]]) for q in mt],
     }
     plain = [{"text": q, "ids": [tok.bos_id] + tok.encode(q)} for q in lima]
-    settings = SamplingConfig(greedy=True, repetition_penalty=1.0, max_new_tokens=NEW_TOKENS)
+    settings = SamplingConfig(greedy=True, repetition_penalty=1.0, max_new_tokens=args.new_tokens)
     prompts = [tok.encode_dialog([q]).ids for q in GREEDY_PROMPTS]
     stop = {"eot": [tok.eot_id], "eos": [tok.eos_id]}
     greedy = [{"question": q, "prompt": p, "new": c.ids + stop.get(c.stop_reason, []), "stop": c.stop_reason}
               for q, p, c in zip(GREEDY_PROMPTS, prompts, generator.generate_ids(prompts, settings))]
-    data = {"hf": str(hf), "chat": sets, "plain": plain, "greedy": greedy, "new_tokens": NEW_TOKENS,
+    data = {"hf": str(hf), "chat": sets, "plain": plain, "greedy": greedy, "new_tokens": args.new_tokens,
             "eot_id": tok.eot_id, "eos_id": tok.eos_id, "bos_id": tok.bos_id}
     path = out / "reference.json"
     path.write_text(json.dumps(data))
@@ -157,6 +158,12 @@ def client_llamacpp(ref: dict, gguf: str) -> dict:
               "eog": [i for i in (ref["eot_id"], ref["eos_id"]) if llama_cpp.llama_vocab_is_eog(vocab, i)]}
     result["plain"] = _exact((llm.tokenize(p["text"].encode(), add_bos=True, special=False), p["ids"])
                              for p in ref["plain"])
+    # llama.cpp's sentencepiece tokenizer does not apply the model's normalizer: with remove_extra_whitespaces
+    # (tok512, the toy's; not Meta's LLaMA tokenizer) sentencepiece drops runs of spaces that llama.cpp keeps.
+    # The same texts with those spaces removed first tell that difference from any other.
+    result["plain_spaces_collapsed"] = _exact(
+        (llm.tokenize(re.sub(" +", " ", p["text"]).strip(" ").encode(), add_bos=True, special=False), p["ids"])
+        for p in ref["plain"])
     formatter = Jinja2ChatFormatter(template=meta["tokenizer.chat_template"], bos_token="<s>",
                                     eos_token=llm.detokenize([llm.token_eos()], special=True).decode())
     for set_name, chats in ref["chat"].items():
@@ -175,7 +182,8 @@ def client_llamacpp(ref: dict, gguf: str) -> dict:
             stops.append((new[-1:], g["new"][-1:]))
     result["greedy"] = _exact(greedy)
     result["stops"] = _exact(stops)
-    answer = llm.create_chat_completion(messages=[{"role": "user", "content": GREEDY_PROMPTS[0]}], max_tokens=32,
+    answer = llm.create_chat_completion(messages=[{"role": "user", "content": GREEDY_PROMPTS[0]}],
+                                        max_tokens=ref["new_tokens"],
                                         temperature=0.0, top_k=1, repeat_penalty=1.0)
     result["chat_completion"] = answer["choices"][0]["message"]["content"]
     result["chat_finish"] = answer["choices"][0]["finish_reason"]
@@ -237,7 +245,7 @@ def _convert_gguf(args: argparse.Namespace, hf: pathlib.Path, out: pathlib.Path)
     return [gguf] + ([fixed] if proc.returncode == 0 else [])
 
 
-def _rows(results: list[dict]) -> list[str]:
+def _rows(results: list[dict], new_tokens: int) -> list[str]:
     rows = ["| client | version | what was run | ids exact | stops | greedy equal |", "| --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if r["client"] == "transformers":
@@ -247,7 +255,7 @@ def _rows(results: list[dict]) -> list[str]:
                             f"{ids} | | |")
             rows.append(f"| transformers docs/checkpoints.md example | {r['version']} | as written | "
                         f"{r['docs_example']} | | |")
-            rows.append(f"| transformers generate | {r['version']} | greedy, {NEW_TOKENS} new tokens, "
+            rows.append(f"| transformers generate | {r['version']} | greedy, {new_tokens} new tokens, "
                         f"{r['greedy'].split('/')[1]} prompts | | {r['stops']} | "
                         f"{r['greedy']} |")
         elif r["client"] == "gguf":
@@ -257,7 +265,8 @@ def _rows(results: list[dict]) -> list[str]:
                         f"eot {r['eot']}, bos {r['bos']}, chat template = export's: {r['chat_template_is_exported']} "
                         "| (needs llama.cpp) | | |")
         else:
-            ids = ", ".join(f"{k} {r[k]}" for k in ("plain", "lima_test", "lima_test+system", "mt_bench_multi_turn"))
+            ids = ", ".join(f"{k} {r[k]}" for k in ("plain", "plain_spaces_collapsed", "lima_test", "lima_test+system",
+                                                    "mt_bench_multi_turn"))
             rows.append(f"| llama-cpp-python {pathlib.Path(r['gguf']).name} (eos {r['eos']}, eot {r['eot']}, EOG "
                         f"{r['eog']}) | {r['version']} | tokenize, chat template, generate, chat completion "
                         f"({r['chat_finish']}: {r['chat_completion'][:40]!r}) | {ids} | {r['stops']} | {r['greedy']} |")
@@ -278,6 +287,7 @@ def main() -> None:
     parser.add_argument("--convert", help="llama.cpp's convert_hf_to_gguf.py")
     parser.add_argument("--convert_python", default=sys.executable, help="interpreter with torch and gguf")
     parser.add_argument("--llama_python", help="interpreter with llama-cpp-python")
+    parser.add_argument("--new_tokens", type=int, default=NEW_TOKENS, help="greedy tokens per prompt")
     parser.add_argument("--lima_prompts", default=str(SHARED / "lima" / "lima_test.jsonl"))
     parser.add_argument("--mt_bench", default=str(SHARED / "eval" / "mt_bench_question.jsonl"))
     args = parser.parse_args()
@@ -308,7 +318,7 @@ def main() -> None:
                                                     str(gguf)], out, f"llamacpp_{gguf.stem}")
                 results += [r] if r else []
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print("\n".join(_rows(results)))
+    print("\n".join(_rows(results, args.new_tokens)))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     # The end-of-turn token: "new_row" (a new id after the tokenizer's, the paper's recipe) or the name of one of
     # the tokenizer's special tokens, e.g. "<|eot_id|>" for LLaMA-3 (no vocabulary growth).
     c.tokenizer.eot = "new_row"
+    # A new EOT row starts as "mean" (the mean of the pretrained rows) or "bos" / "eos" (a copy of that token's
+    # rows: the token that ended documents in pretraining, so EOT starts out predicted where a text ends).
+    c.tokenizer.eot_init = "mean"
 
     c.data = ml_collections.ConfigDict()
     c.data.train_path = ""  # 1,000 examples (1,030 with the dialogue chains)

@@ -18,6 +18,7 @@ import ml_collections
 
 from lima_jax.errors import ConfigError
 from lima_jax.paths import PathLike, as_path
+from lima_jax.tokenizer import EOT_INIT_CHOICES
 
 # model.remat_policy: what the backward pass keeps of each layer's forward (docs/performance.md): "none" keeps
 # everything, "full" nothing (recomputes the layer), "dots" / "dots_no_batch" the matmul outputs, "attention_out"
@@ -383,6 +384,13 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, isinstance(eot, str) and bool(eot), "tokenizer.eot",
            "must be \"new_row\" (a new id after the tokenizer's: the paper's recipe) or the name of one of the "
            "tokenizer's special tokens, e.g. \"<|eot_id|>\" (docs/model.md)")
+    init = config.tokenizer.get("eot_init", "mean")  # absent in a config.json written before it existed
+    _check(config, init in EOT_INIT_CHOICES, "tokenizer.eot_init",
+           f"must be one of {EOT_INIT_CHOICES}: a new EOT row starts as the mean of the pretrained rows or as a copy "
+           "of the BOS / EOS row (docs/model.md)")
+    _check(config, init == "mean" or eot == "new_row", "tokenizer.eot_init",
+           f"{init!r} sets the start of a new EOT row, but tokenizer.eot={eot!r} is an existing token whose row "
+           "keeps its pretrained values: use \"mean\" (the default) or tokenizer.eot=\"new_row\"")
     _check(config, bool(config.get("init_from")) or not paths or not config.get("require_init_from", False),
            "init_from", "this config fine-tunes a pretrained model and require_init_from is set: pass "
            "--config.init_from=<a `python -m lima_jax.convert` output folder or a run directory> (without it "

@@ -111,9 +111,12 @@ def top_p_mask(logits: jax.Array, top_p: float) -> jax.Array:
     and of the tokens tied at that key the first ones by id while the mass before them stays below top_p."""
     if top_p >= 1.0:
         return jnp.ones(logits.shape, bool)
-    mass = integer_probs(logits)
+    return _threshold_nucleus(logits, integer_probs(logits), jnp.int32(nucleus_mass_units(top_p)))
+
+
+def _threshold_nucleus(logits: jax.Array, mass: jax.Array, target: jax.Array) -> jax.Array:
+    """`top_p_mask`'s search, given the row's `integer_probs` and the target mass in units."""
     keys = _order_keys(logits)
-    target = jnp.int32(nucleus_mass_units(top_p))
 
     def mass_above(threshold: jax.Array) -> jax.Array:  # [b]: mass of the tokens with keys > threshold
         return jnp.sum(jnp.where(keys > threshold[:, None], mass, 0), axis=-1)
@@ -149,12 +152,137 @@ def sampling_logits(logits: jax.Array, seen: jax.Array, settings: SamplingConfig
     return jnp.where(top_p_mask(logits, settings.top_p), logits, -jnp.inf)
 
 
+TOP_P_CANDIDATES = 64  # `lax.top_k` candidates per row: a nucleus inside them is drawn without a vocabulary pass
+_DRAW_BLOCK = 256  # the full-vocabulary draw sums blocks of this many masses, then walks one block
+
+
+def _wide_product(x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(high, low) 32-bit halves of the 64-bit product of two uint32 arrays, from 16-bit limbs."""
+    low16 = jnp.uint32(0xFFFF)
+    x0, x1, y0, y1 = x & low16, x >> 16, y & low16, y >> 16
+    p00, p01, p10, p11 = x0 * y0, x0 * y1, x1 * y0, x1 * y1
+    mid = (p00 >> 16) + (p01 & low16) + (p10 & low16)
+    return p11 + (p01 >> 16) + (p10 >> 16) + (mid >> 16), (p00 & low16) | (mid << 16)
+
+
+def _draw_units(keys: jax.Array, total: jax.Array) -> jax.Array:
+    """[b] int32: one uniform integer in [0, total[r]) per row from the row's own key: floor(R * total / 2^64)
+    for 64 random bits R, so each value is hit by floor or ceil of 2^64 / total of the 2^64 bit patterns
+    (relative bias below total / 2^64 < 2^-33). Not `jax.random.randint`: at spans above 2^16 its
+    modular reduction overflows 32 bits (JAX 0.10: the low half of [0, 967634689) drawn 1.25x too often)."""
+    bits = jax.vmap(lambda key: jax.random.bits(key, (2,), jnp.uint32))(keys)
+    n = jnp.maximum(total, 1).astype(jnp.uint32)
+    high, low = _wide_product(bits[:, 0], n)
+    low_sum = low + _wide_product(bits[:, 1], n)[0]
+    return (high + (low_sum < low).astype(jnp.uint32)).astype(jnp.int32)
+
+
+def _candidates(logits: jax.Array, mass: jax.Array, target: jax.Array):
+    """The `TOP_P_CANDIDATES` most likely tokens of each row: (ids [b, K] in the sorted order, their cumulative
+    mass cum [b, K], kept [b, K]: in the nucleus, covered [b]: the candidates' mass reaches `target`).
+
+    `lax.top_k` orders ties lower index first, as the sorted nucleus does (-0.0 is made 0.0 first, so equal
+    logits compare equal): the candidates are the first K tokens of the sorted order. When their mass reaches
+    the target, the token after them is already out of the nucleus, so the nucleus is exactly the kept prefix
+    of the candidates (the mass before a token below the target, as in the definition)."""
+    k = min(TOP_P_CANDIDATES, logits.shape[-1])
+    _, ids = jax.lax.top_k(jnp.where(logits == 0, jnp.zeros_like(logits), logits), k)
+    candidate_mass = jnp.take_along_axis(mass, ids, axis=-1)
+    cum = jnp.cumsum(candidate_mass, axis=-1)  # exact: int32 sums of at most 2^30
+    return ids, cum, cum - candidate_mass < target, cum[:, -1] >= target
+
+
+def _candidate_draw(ids: jax.Array, cum: jax.Array, kept: jax.Array, keys: jax.Array) -> jax.Array:
+    """[b]: a kept candidate drawn with probability mass / (kept mass): one uniform integer u per row, the
+    first candidate whose cumulative mass exceeds u (kept candidates are a prefix, so no later one can be)."""
+    units = _draw_units(keys, jnp.max(jnp.where(kept, cum, 0), axis=-1))
+    pick = jnp.minimum(jnp.sum(cum <= units[:, None], axis=-1), ids.shape[-1] - 1)
+    return jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
+
+
+def _vocabulary_draw(mass: jax.Array, keep: jax.Array, keys: jax.Array) -> jax.Array:
+    """[b]: a token drawn with probability mass / (nucleus mass) among `keep` by inverse CDF over the
+    vocabulary in id order: one uniform integer per row; the block holding it is found from block sums and
+    only that block is walked (no full-vocabulary cumsum, no V random numbers)."""
+    b, v = mass.shape
+    blocks = -(-v // _DRAW_BLOCK)
+    masses = jnp.pad(jnp.where(keep, mass, 0), ((0, 0), (0, blocks * _DRAW_BLOCK - v)))
+    masses = masses.reshape(b, blocks, _DRAW_BLOCK)
+    block_mass = jnp.sum(masses, axis=-1)  # [b, blocks]
+    block_cum = jnp.cumsum(block_mass, axis=-1)
+    units = _draw_units(keys, block_cum[:, -1])
+    block = jnp.minimum(jnp.sum(block_cum <= units[:, None], axis=-1), blocks - 1)
+    before = jnp.take_along_axis(block_cum - block_mass, block[:, None], axis=-1)[:, 0]  # mass of earlier blocks
+    inner = jnp.cumsum(jnp.take_along_axis(masses, block[:, None, None], axis=1)[:, 0], axis=-1)
+    offset = jnp.minimum(jnp.sum(inner <= (units - before)[:, None], axis=-1), _DRAW_BLOCK - 1)
+    return block * _DRAW_BLOCK + offset
+
+
+def _fallback_capacities(rows: int) -> list[int]:
+    """How many rows the full path is compiled for: 1, a quarter of the batch, the whole batch (distinct)."""
+    return sorted({1, max(1, rows // 4), rows})
+
+
+def sample_nucleus(logits: jax.Array, keys: jax.Array, top_p: float) -> jax.Array:
+    """[b] int32: one token per row from the nucleus of `logits` (`top_p_mask`'s set), each kept token with
+    probability proportional to its integer mass (`integer_probs`: the softmax rounded down to 2^-30 units).
+
+    Fast path: the nucleus within the `TOP_P_CANDIDATES` most likely tokens (`lax.top_k`), drawn by inverse
+    CDF over the sorted candidates. A row whose nucleus is larger (a flat distribution) takes the full path:
+    the threshold search over the vocabulary and an inverse-CDF draw in id order. The full path runs (under
+    `lax.switch`) only at steps where some row needs it, and only on those rows: they are gathered into the
+    smallest of `_fallback_capacities` that holds them. Every row's token is a function of its own logits and
+    key (a row inside its candidates keeps its candidate draw), never of the rest of its batch."""
+    mass = integer_probs(logits)
+    target = jnp.int32(nucleus_mass_units(top_p))
+
+    def full_draw(rows_logits, rows_mass, rows_keys):
+        keep = (jnp.ones(rows_logits.shape, bool) if top_p >= 1.0
+                else _threshold_nucleus(rows_logits, rows_mass, target))
+        return _vocabulary_draw(rows_mass, keep, rows_keys)
+
+    if top_p >= 1.0:  # every token: the candidates never hold the nucleus
+        return full_draw(logits, mass, keys).astype(jnp.int32)
+    ids, cum, kept, covered = _candidates(logits, mass, target)
+    candidate = _candidate_draw(ids, cum, kept, keys)
+    capacities = _fallback_capacities(logits.shape[0])
+    order = jnp.argsort(covered, stable=True)  # rows needing the full path first
+
+    def gathered(capacity):
+        def branch():
+            if capacity == logits.shape[0]:
+                return jnp.where(covered, candidate, full_draw(logits, mass, keys))
+            rows = order[:capacity]
+            drawn = full_draw(logits[rows], mass[rows], keys[rows])
+            return candidate.at[rows].set(jnp.where(covered[rows], candidate[rows], drawn))
+        return branch
+
+    uncovered = jnp.sum(~covered, dtype=jnp.int32)
+    branch = jnp.sum(uncovered > jnp.asarray([0] + capacities[:-1], jnp.int32), dtype=jnp.int32)
+    token = jax.lax.switch(branch, [lambda: candidate] + [gathered(c) for c in capacities])
+    return token.astype(jnp.int32)
+
+
+def sampling_nucleus(logits: jax.Array, top_p: float) -> tuple[jax.Array, jax.Array]:
+    """What `sample_nucleus` draws from, for tests and benchmarks: ([b, V] bool nucleus, [b] bool: the row
+    took the candidate path)."""
+    mass = integer_probs(logits)
+    target = jnp.int32(nucleus_mass_units(top_p))
+    if top_p >= 1.0:
+        return jnp.ones(logits.shape, bool), jnp.zeros(logits.shape[:1], bool)
+    ids, _, kept, covered = _candidates(logits, mass, target)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    from_candidates = jnp.zeros(logits.shape, bool).at[rows, ids].set(kept)
+    return jnp.where(covered[:, None], from_candidates, _threshold_nucleus(logits, mass, target)), covered
+
+
 def choose_tokens(logits: jax.Array, seen: jax.Array, keys: jax.Array, settings: SamplingConfig) -> jax.Array:
-    """One token per row: argmax when greedy, else a draw from the row's own key."""
-    logits = sampling_logits(logits, seen, settings)
+    """One token per row: argmax when greedy, else a draw from the row's nucleus with its own key
+    (repetition penalty, then temperature, then `sample_nucleus`)."""
+    logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, settings.repetition_penalty)
     if settings.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+    return sample_nucleus(logits / settings.temperature, keys, settings.top_p)
 
 
 # ---------------------------------------------------------------------------------------- decode loop

@@ -286,14 +286,15 @@ def init_kv_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
 
 
 def resize_vocab(params: dict, new_vocab_size: int, old_vocab_size: int | None = None,
-                padded_size: int | None = None) -> dict:
+                padded_size: int | None = None, copy_row: int | None = None) -> dict:
     """Grows embedding (and LM head) from `old_vocab_size` real rows (default: all rows) to `new_vocab_size`;
-    new rows are the mean of the real rows. Rows past the real ones (a checkpoint's vocabulary padding) are
-    dropped first, and with `padded_size` zero rows are appended up to it (padding: never looked up, its
-    logits masked).
+    new rows are the mean of the real rows, or copies of row `copy_row`. Rows past the real ones (a
+    checkpoint's vocabulary padding) are dropped first, and with `padded_size` zero rows are appended up to
+    it (padding: never looked up, its logits masked).
 
     Used when the EOT token is added to a pretrained vocabulary: a mean row starts the new token at the
-    centre of the embedding space (a neutral prediction) instead of at a random point.
+    centre of the embedding space (a neutral prediction) instead of at a random point; a copy of the token
+    that ended documents in pretraining starts it predicted where a text would end.
     """
     params = dict(params)
     old = params["embedding"].shape[0] if old_vocab_size is None else old_vocab_size
@@ -302,12 +303,15 @@ def resize_vocab(params: dict, new_vocab_size: int, old_vocab_size: int | None =
     padded = new_vocab_size if padded_size is None else padded_size
     if padded < new_vocab_size:
         raise ValueError(f"padded size {padded} is below the vocabulary {new_vocab_size}")
+    if copy_row is not None and not 0 <= copy_row < old:
+        raise ValueError(f"row {copy_row} to copy is not one of the {old} existing rows")
 
     def grow(rows: Array) -> Array:  # [vocab, ...] -> [padded, ...]
         real = rows[:old]
-        mean_rows = jnp.repeat(real.mean(0, keepdims=True), new_vocab_size - old, 0)
+        start = real.mean(0, keepdims=True) if copy_row is None else real[copy_row:copy_row + 1]
+        new_rows = jnp.repeat(start, new_vocab_size - old, 0)
         zero_rows = jnp.zeros((padded - new_vocab_size, *rows.shape[1:]), rows.dtype)
-        return jnp.concatenate([real, mean_rows, zero_rows], 0)
+        return jnp.concatenate([real, new_rows, zero_rows], 0)
 
     params["embedding"] = grow(params["embedding"])
     if "lm_head" in params:

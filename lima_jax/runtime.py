@@ -30,7 +30,7 @@ from lima_jax.config import ModelConfig, model_config
 from lima_jax.errors import CheckpointError, ConfigError
 from lima_jax.model import Llama, resize_vocab
 from lima_jax.sharding import Rules
-from lima_jax.tokenizer import Tokenizer, load_tokenizer
+from lima_jax.tokenizer import Tokenizer, eot_init_row, load_tokenizer
 from lima_jax.train_step import TrainState
 
 
@@ -124,7 +124,8 @@ def initial_state(config: ml_collections.ConfigDict, rt: Runtime, tx: optax.Grad
         return create_train_state(model, tx, state_shardings, jax.random.key(config.seed))
     choice, stored = check_init_from(config, rt.model_cfg)
     logging.info("init_from: %s", choice.describe())
-    params = load_pretrained_params(choice, rt.model_cfg, stored, rt.mesh, rt.rules)
+    params = load_pretrained_params(choice, rt.model_cfg, stored, rt.mesh, rt.rules,
+                                    eot_init_row(config, rt.tokenizer))
     return jax.jit(lambda p: TrainState.create(apply_fn=model.apply, params=p, tx=tx),
                    out_shardings=state_shardings, donate_argnums=0)(params)
 
@@ -146,22 +147,25 @@ def check_init_from(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -
 
 
 def load_pretrained_params(choice: rundir.CheckpointChoice, model_cfg: ModelConfig, stored: dict, mesh: Mesh,
-                           rules: Rules) -> Any:
+                           rules: Rules, new_row_from: int | None = None) -> Any:
     """Parameters of a `lima_jax.convert` checkpoint (or another run's), restored straight into their shards
-    and grown to `model_cfg.vocab_size` if the EOT row is new (new rows = mean of the existing rows), the
-    vocabulary padding re-made for `model_cfg.vocab_multiple` (zero rows) if the checkpoint's differs."""
+    and grown to `model_cfg.vocab_size` if the EOT row is new (new rows = the mean of the existing rows, or
+    copies of row `new_row_from`: `tokenizer.eot_init_row`), the vocabulary padding re-made for
+    `model_cfg.vocab_multiple` (zero rows) if the checkpoint's differs."""
     stored_cfg = dataclasses.replace(model_cfg, vocab_size=stored["vocab_size"],
                                      vocab_multiple=stored.get("vocab_multiple", 1))
     abstract = abstract_params(Llama(stored_cfg), mesh, rules)
     params, _ = rundir.load_checkpoint_params(choice, abstract)
     if stored_cfg.padded_vocab_size == model_cfg.padded_vocab_size and stored_cfg.vocab_size == model_cfg.vocab_size:
         return params
-    logging.info("vocabulary %d (%d rows) -> %d (%d rows; new real rows = mean of the existing rows, padding rows "
-                 "zero)", stored_cfg.vocab_size, stored_cfg.padded_vocab_size, model_cfg.vocab_size,
-                 model_cfg.padded_vocab_size)
+    grown = model_cfg.vocab_size > stored_cfg.vocab_size
+    start = "" if not grown else "; new rows = " + ("the mean of the existing rows" if new_row_from is None
+                                                    else f"copies of row {new_row_from}")
+    logging.info("vocabulary %d (%d rows) -> %d (%d rows%s; padding rows zero)", stored_cfg.vocab_size,
+                 stored_cfg.padded_vocab_size, model_cfg.vocab_size, model_cfg.padded_vocab_size, start)
     target = jax.tree.map(lambda a: a.sharding, abstract_params(Llama(model_cfg), mesh, rules))
     resize = functools.partial(resize_vocab, new_vocab_size=model_cfg.vocab_size, old_vocab_size=stored_cfg.vocab_size,
-                               padded_size=model_cfg.padded_vocab_size)
+                               padded_size=model_cfg.padded_vocab_size, copy_row=new_row_from if grown else None)
     return jax.jit(resize, out_shardings=target)(params)
 
 

@@ -29,6 +29,8 @@ BOS, EOS and EOT per family:
   row. Or it names one of the tokenizer's own special tokens, e.g. `"<|eot_id|>"` or
   `"<|reserved_special_token_0|>"` for LLaMA-3: no vocabulary growth, and the row keeps its pretrained
   values. BOS and EOS cannot be EOT (a model stops at EOS too, and stop reasons tell the two apart).
+  A new row starts as the mean of the pretrained rows, or (`config.tokenizer.eot_init`: "bos" / "eos") as a
+  copy of the token that ended documents in pretraining, so the model predicts EOT where a text would end.
 
 The file may be local or a gs:// URL (read through `lima_jax.paths`). The command line lives in the data
 entry point: `python -m lima_jax.data tokenizer train --input data/toy_lima.jsonl --output
@@ -53,6 +55,11 @@ from lima_jax.paths import PathLike, as_path
 
 EOT_NEW_ROW = "new_row"  # config.tokenizer.eot: a new id after the tokenizer's own (the paper's recipe)
 EOT_PIECE = "<eot>"  # how a new-row EOT is shown (and exported)
+# config.tokenizer.eot_init: what a new EOT row of a pretrained checkpoint starts as. "mean": the mean of the
+# existing rows (a neutral token); "bos" / "eos": a copy of that token's rows, for a model whose pretraining
+# ended every document with it (llama2.c's TinyStories models start each story with BOS; LLaMA ends with EOS),
+# so EOT starts out predicted exactly where a document used to end.
+EOT_INIT_CHOICES = ("mean", "bos", "eos")
 FOLDER_FILES = ("tokenizer.model", "tokenizer.json")  # looked for in this order when the path is a folder
 
 LLAMA3_BOS, LLAMA3_EOS = "<|begin_of_text|>", "<|end_of_text|>"
@@ -351,6 +358,16 @@ class Tokenizer:
 def eot_choice(config: Any) -> str:
     """`config.tokenizer.eot`, or the paper's new row where a config (an older config.json) lacks it."""
     return config.tokenizer.get("eot", EOT_NEW_ROW)
+
+
+def eot_init(config: Any) -> str:
+    """`config.tokenizer.eot_init`, or "mean" where a config (an older config.json) lacks it."""
+    return config.tokenizer.get("eot_init", "mean")
+
+
+def eot_init_row(config: Any, tokenizer: Tokenizer) -> int | None:
+    """The id whose rows a new EOT row copies (`config.tokenizer.eot_init`), or None for the mean row."""
+    return {"mean": None, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id}[eot_init(config)]
 
 
 def load_tokenizer(config: Any) -> Tokenizer:

@@ -71,6 +71,7 @@ def test_smaller_models_use_batch_64_and_dropout_0_2():
     ("train.loss_chunk_length", -1, "must be an int >= 0"),
     ("model.vocab_multiple", 0, "must be a positive int"),
     ("optimizer.mu_dtype", "float16", "must be one of"),
+    ("tokenizer.eot_init", "first", "must be one of"),
 ])
 def test_bad_values_name_the_file_and_field(field, value, message):
     c = filled("toy.py")
@@ -185,3 +186,13 @@ def test_stories260k_requires_init_from(repo, tmp_path):
     config.init_from = str(tmp_path / "base")
     validate(config)  # the value is checked when training starts (check_init_from)
     validate(load_config_file(repo / "configs" / "toy.py"), paths=False)  # toy trains from scratch
+
+
+def test_eot_init_applies_to_a_new_row_only():
+    """Copying BOS/EOS into EOT's row only makes sense where that row is new; an existing token's row stays."""
+    c = filled("toy.py")
+    c.tokenizer.eot_init = "bos"
+    validate(c)
+    c.tokenizer.eot = "<|eot_id|>"
+    with pytest.raises(ConfigError, match=r"config.tokenizer.eot_init='bos'.*existing token"):
+        validate(c)

@@ -218,6 +218,7 @@ TURNS_WITH_SPECIAL_TEXT = [
     ["a <unk> b  <eot><eot>", " <s> x </s> "],
     [f"x<{ESCAPE}eot>y", f"<{ESCAPE}{ESCAPE}>", f"<{ESCAPE}", ESCAPE, "<"],  # the escape character itself
     ["What is the capital of France?", "Paris."],
+    ["Change a <span> in HTML", "Use <style> and <e>."],  # share a prefix with <s> and <eot> only
 ]
 
 
@@ -229,6 +230,15 @@ def test_exported_chat_template_encodes_special_token_text_as_lima_jax(hf_tokeni
     expected = ours.encode_dialog(turns).ids
     assert ids == expected, f"tokenizer.json / chat_template: {turns}"
     assert ids.count(ours.eot_id) == len(turns) and ids.count(ours.bos_id) == 1  # no turn ends early
+
+
+def test_exported_chat_template_escapes_only_special_token_text(hf_tokenizer):
+    """Content without a special token's text renders unchanged, so clients that skip the normalizer's
+    unescape (llama.cpp, the sentencepiece LlamaTokenizer) still read `<span>` exactly."""
+    render = lambda text: hf_tokenizer.apply_chat_template([{"role": "user", "content": text}],  # noqa: E731
+                                                            tokenize=False)
+    assert ESCAPE not in render("Given a <span> or <style>, use <e> and </b>.")
+    assert render("a <s> b").count(ESCAPE) == 1 and render("<eot></s><unk>").count(ESCAPE) == 3
 
 
 @pytest.mark.parametrize("text", ["<eot> typed", "a<s>b</s>", "<unk>", "plain text"])

@@ -102,6 +102,8 @@ def finetuned(stories, tmp_path_factory):
     config.tokenizer.path = str(shared_file("llama/tok512.model"))
     config.data.dev_path = ""
     config.train.num_epochs = 2
+    # 4 steps on the 48 toy examples: a rate 10x the experiment's (tuned for ~200 steps) so the loss moves
+    config.optimizer.learning_rate, config.optimizer.end_learning_rate = 1e-3, 1e-4
     training.train(config)
     records = [json.loads(line) for line in (pathlib.Path(config.workdir) / "metrics.jsonl").open()]
     return pathlib.Path(config.workdir), records
@@ -173,7 +175,8 @@ def test_stories260k_run_exports_without_tokenizer_flag(finetuned, tmp_path, cap
 
 
 def test_init_from_bfloat16_import_grows_eot_row(stories, tmp_path):
-    """`runtime.load_pretrained_params` on a bfloat16 import: cast to the model's float32, EOT row = mean row."""
+    """`runtime.load_pretrained_params` on a bfloat16 import: cast to the model's float32, EOT row = mean row,
+    or a copy of BOS's row (`tokenizer.eot_init="bos"`: the story separator of llama2.c's pretraining)."""
     from lima_jax import runtime, sharding
     _, cfg, params, tok = stories
     convert.main(["from_llama2c", "--input", str(shared_file("llama/stories260K.bin")), "--output",
@@ -189,6 +192,9 @@ def test_init_from_bfloat16_import_grows_eot_row(stories, tmp_path):
     np.testing.assert_array_equal(embedding[:512], expected)
     np.testing.assert_allclose(embedding[512], expected.mean(0), rtol=1e-5, atol=1e-6)
     assert "lm_head" not in loaded  # tied: the EOT logit uses the new embedding row
+    from_bos = runtime.load_pretrained_params(choice, model_cfg, stored, mesh, sharding.LAYOUTS["data"],
+                                              tok.bos_id)
+    np.testing.assert_array_equal(np.asarray(from_bos["embedding"])[512], expected[tok.bos_id])
 
 
 def test_base_model_is_sampled_as_plain_completion(stories, tmp_path, capsys):

@@ -10,8 +10,9 @@ import pytest
 from lima_jax import sharding
 from lima_jax.config import load_config_file, model_config
 from lima_jax.data.formats import DataError
+from lima_jax import generation
 from lima_jax.generation import (Generator, SamplingConfig, answer_prompts, apply_repetition_penalty, choose_tokens,
-                                 integer_probs, nucleus_mass_units, top_p_mask)
+                                 integer_probs, nucleus_mass_units, sample_nucleus, sampling_nucleus, top_p_mask)
 from lima_jax.records import read_prompts
 from lima_jax.model import Llama
 from tests.conftest import REPO, shared_file
@@ -323,3 +324,98 @@ def test_top_p_without_sorting_keeps_exactly_the_sorted_nucleus(top_p):
         draw = jax.vmap(jax.random.categorical)
         np.testing.assert_array_equal(draw(keys, jnp.where(got, logits, -jnp.inf)),
                                       draw(keys, jnp.where(expected, logits, -jnp.inf)))
+
+
+def _ties_around_the_candidate_edge(rng: np.random.Generator, vocab: int = 300) -> np.ndarray:
+    """Rows whose sorted order has K - 24 distinct leaders, then a run of 50 equal logits across the K-th
+    candidate (K = TOP_P_CANDIDATES), then a tail; columns shuffled so the tie is broken by id. The tie's
+    probability per token varies by row, so at top_p 0.9 the cut falls inside the run before the K-th
+    candidate (the candidate path cuts the tie), just at or just after it, or well after it (the full path)."""
+    k = generation.TOP_P_CANDIDATES
+    rows = []
+    for each in (0.004, 0.0025, 0.00209, 0.00205, 0.002, 0.001):
+        probs = np.full(vocab, 0.0)
+        probs[:k - 24] = np.linspace(1.5, 0.5, k - 24) * 0.85 / (k - 24)
+        probs[k - 24:k + 26] = each
+        probs[k + 26:] = max(1e-6, 1 - probs.sum()) / (vocab - k - 26)
+        rows.append(np.log(probs / probs.sum()).astype(np.float32)[rng.permutation(vocab)])
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 0.5, 0.9, 0.999999])
+def test_sampler_nucleus_is_the_sorted_nucleus_on_both_paths(top_p):
+    """The set `sample_nucleus` draws from (candidate path or full-vocabulary fallback) equals the sorted
+    nucleus: peaked rows (a fine-tuned model at temperature 0.7), flat rows (the fallback), ties straddling the
+    top_p boundary and ties across the K-th candidate."""
+    rng = np.random.default_rng(int(top_p * 1e6) + 1)
+    nucleus = jax.jit(sampling_nucleus, static_argnums=1)
+    peaked = (rng.normal(size=(6, 32001)) * 4 / 0.7).astype(np.float32)
+    peaked[:3, :2000] = np.sort(peaked[:3, :2000], axis=-1)  # more tied and ordered structure near the top
+    flat = rng.normal(size=(4, 32001)).astype(np.float32)
+    near_ties = np.round(rng.normal(size=(8, 500)) * 8).astype(np.float32) / 2  # many equal logits near the top
+    paths = []
+    for logits in (peaked, flat, near_ties, _ties_around_the_candidate_edge(rng),
+                   np.concatenate(_adversarial_logits(rng, 300))):
+        got, covered = (np.asarray(x) for x in nucleus(jnp.asarray(logits), top_p))
+        np.testing.assert_array_equal(got, _sorted_nucleus(logits, top_p))
+        paths.append(covered)
+    paths = np.concatenate(paths)
+    assert paths.any()
+    if 0.1 < top_p < 0.99:  # (at 1e-6 every nucleus is one token; near 1 every row falls back)
+        assert not paths.all()  # both paths were taken
+    if top_p == 0.9:
+        edge = nucleus(jnp.asarray(_ties_around_the_candidate_edge(rng)), 0.9)[1]
+        assert np.asarray(edge).tolist() == [True, True, True, False, False, False]  # setup: the cut moves past K
+
+
+def _chi_square(tokens: np.ndarray, logits: np.ndarray, top_p: float) -> tuple[float, int]:
+    """Pearson's statistic of draws against the softmax renormalised over the sorted nucleus (float64), and
+    its degrees of freedom; every draw must be inside the nucleus."""
+    keep = _sorted_nucleus(logits[None], top_p)[0]
+    assert keep[tokens].all(), "drew a token outside the nucleus"
+    p = np.exp(logits.astype(np.float64) - logits.max())
+    p = np.where(keep, p, 0.0)
+    p /= p.sum()
+    ids = np.flatnonzero(keep)
+    expected = p[ids] * len(tokens)
+    observed = np.bincount(tokens, minlength=len(logits))[ids]
+    return float(((observed - expected) ** 2 / expected).sum()), len(ids) - 1
+
+
+@pytest.mark.parametrize("regime", ["peaked", "flat"])
+def test_sampled_tokens_follow_the_renormalised_softmax(regime):
+    """Draws from one row with 40,000 keys: inside the nucleus only, frequencies as the softmax renormalised
+    over it (chi-square below mean + 6 sd; drawing uniformly inside the nucleus gives several times that),
+    on the candidate path (peaked) and the full-vocabulary path (flat)."""
+    rng = np.random.default_rng(5)
+    vocab, draws = 2000, 40_000
+    scale = {"peaked": 4 / 0.7, "flat": 0.7}[regime]
+    row = (rng.normal(size=vocab) * scale).astype(np.float32)
+    assert bool(np.asarray(sampling_nucleus(jnp.asarray(row[None]), 0.9)[1])[0]) == (regime == "peaked")
+    keys = jax.random.split(jax.random.key(11), draws)
+    tokens = np.asarray(jax.jit(sample_nucleus, static_argnums=2)(jnp.broadcast_to(jnp.asarray(row), (draws, vocab)),
+                                                                 keys, 0.9))
+    stat, dof = _chi_square(tokens, row, 0.9)
+    assert dof >= (5 if regime == "peaked" else 1000)  # setup: a real nucleus to spread over
+    assert stat < dof + 6 * np.sqrt(2 * dof), (stat, dof)
+    keep = _sorted_nucleus(row[None], 0.9)[0]
+    uniform = rng.choice(np.flatnonzero(keep), draws)  # the bug this test must catch
+    assert _chi_square(uniform, row, 0.9)[0] > dof + 20 * np.sqrt(2 * dof)
+
+
+@pytest.mark.parametrize("flat_rows", [0, 1, 3, 5, 16])
+def test_a_rows_draw_does_not_depend_on_the_path_its_batch_takes(flat_rows):
+    """Batches of 16 rows of which 0, 1, 3, 5 or all take the full path (so the full path runs on none, one
+    gathered row, 4 gathered rows, or the whole batch): every row gets the token it gets alone, from its key."""
+    rng = np.random.default_rng(2)
+    logits = (rng.normal(size=(16, 4000)) * 4 / 0.7).astype(np.float32)
+    flat = rng.permutation(16)[:flat_rows]
+    logits[flat] = rng.normal(size=(flat_rows, 4000))
+    logits = jnp.asarray(logits)
+    assert np.asarray(sampling_nucleus(logits, 0.9)[1]).sum() == 16 - flat_rows  # setup
+    keys = jax.random.split(jax.random.key(4), 16)
+    draw = jax.jit(sample_nucleus, static_argnums=2)
+    batch = np.asarray(draw(logits, keys, 0.9))
+    alone = [int(draw(logits[i:i + 1], keys[i:i + 1], 0.9)[0]) for i in range(16)]
+    np.testing.assert_array_equal(batch, alone)
+    assert _sorted_nucleus(np.asarray(logits), 0.9)[np.arange(16), batch].all()

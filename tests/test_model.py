@@ -240,3 +240,14 @@ def test_resize_vocab_adds_mean_rows():
     np.testing.assert_array_equal(grown["embedding"][:-1], params["embedding"])
     with pytest.raises(ValueError, match="shrink"):
         resize_vocab(params, CFG.vocab_size - 1)
+
+
+def test_resize_vocab_copies_a_row_when_asked():
+    """`tokenizer.eot_init="bos"`: the new EOT row is the BOS row, in the embedding and in an untied head."""
+    _, params = init()
+    grown = resize_vocab(params, CFG.vocab_size + 1, padded_size=CFG.vocab_size + 8, copy_row=1)
+    np.testing.assert_array_equal(grown["embedding"][CFG.vocab_size], params["embedding"][1])
+    np.testing.assert_array_equal(grown["lm_head"][:, CFG.vocab_size], params["lm_head"][:, 1])
+    np.testing.assert_array_equal(grown["embedding"][CFG.vocab_size + 1:], 0.0)
+    with pytest.raises(ValueError, match="not one of"):
+        resize_vocab(params, CFG.vocab_size + 1, copy_row=CFG.vocab_size)

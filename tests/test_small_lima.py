@@ -62,12 +62,14 @@ def test_reduced_experiment_learns_to_stop_and_keeps_the_story_knowledge(tmp_pat
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     base, last = rows[0], rows[-1]
     print("\n" + small_lima.table(rows))
-    # Bars this reduced run was measured to clear (docs/reproducing.md): the answers' format is being learned
-    # (dev perplexity falls every epoch, from the base model's) and the held-out story loss stays within 60% of
-    # the base model's. Stopping on EOT is not asserted: 18-36 steps did not teach it (0% measured).
+    # Looser bars than the full run's goal (docs/reproducing.md), which this reduced run was measured to
+    # clear: it learns to stop (greedy answers end on EOT; the EOT row starts as BOS's, config
+    # tokenizer.eot_init), the answers' format is being learned (dev perplexity falls every epoch from the
+    # base model's) and the held-out story loss stays within 20% of the base model's.
+    assert last["eot_greedy"] >= 0.5 and last["eot_sampled"] > 0.0
     perplexities = [r["dev_perplexity"] for r in rows]
     assert perplexities == sorted(perplexities, reverse=True) and perplexities[-1] < 0.9 * perplexities[0]
-    assert 1.0 < last["retained"] < 1.6 and base["retained"] == 1.0
+    assert 1.0 < last["retained"] < 1.2 and base["retained"] == 1.0
     assert all(0.0 <= r["eot_sampled"] <= 1.0 and 0.0 <= r["pref_vs_base"] <= 1.0 for r in rows)
     assert (tmp_path / "runs" / "chosen" / "dev_report.md").exists()
     assert "dev perplexity" in (tmp_path / "runs" / "chosen" / "dev_report.md").read_text()

@@ -16,7 +16,9 @@ own special tokens would become text too.
 
 A plain `tokenizer(text)` call still follows the Hugging Face convention and matches special-token text;
 `tokenizer(text, split_special_tokens=True)` encodes such text as lima_jax does. Either call differs from
-sentencepiece only for text containing a first character of a special token followed by U+FDD0."""
+sentencepiece only for text containing a first character of a special token followed by U+FDD0. Clients that
+do not run the normalizer (llama.cpp, transformers' sentencepiece `LlamaTokenizer`) see the escape only in
+content that contains a special token's text (any `<|` for LLaMA-3)."""
 from __future__ import annotations
 
 import json
@@ -37,15 +39,24 @@ def _jinja_string(text: str) -> str:
     return "'" + text.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
 
 
+ESCAPE_BY_TOKEN_MAX = 8  # special tokens sharing a two-character prefix that are still escaped one by one
+
+
 def _escapes(specials: Sequence[str]) -> list[tuple[str, str]]:
     """(text, replacement) pairs, applied in order, that leave no special token's text in a string: first
-    `<first char> ESCAPE` doubles its ESCAPE, then each special token's first two characters get ESCAPE
-    between them. By prefix, not by token: one filter for all of LLaMA-3's 256 `<|...|>` tokens (a chain of
-    256 `replace` filters is too deeply nested for Jinja to compile)."""
+    `<first char> ESCAPE` doubles its ESCAPE, then ESCAPE goes after the first character of each special
+    token (`<s>`, `</s>`, `<eot>`: ordinary text such as `<span>` is left alone, so clients that do not run
+    the normalizer, llama.cpp and the sentencepiece `LlamaTokenizer`, still read it exactly), or of each
+    two-character prefix shared by many tokens: one filter for all of LLaMA-3's 256 `<|...|>` tokens (a
+    chain of 256 `replace` filters is too deeply nested for Jinja to compile)."""
     firsts = sorted({token[0] for token in specials})
-    prefixes = sorted({token[:2] for token in specials})
+    by_prefix: dict[str, list[str]] = {}
+    for token in specials:
+        by_prefix.setdefault(token[:2], []).append(token)
+    targets = sorted({t for prefix, tokens in by_prefix.items()
+                      for t in (tokens if len(tokens) <= ESCAPE_BY_TOKEN_MAX else [prefix])})
     return ([(c + ESCAPE, c + ESCAPE + ESCAPE) for c in firsts]
-            + [(prefix, prefix[0] + ESCAPE + prefix[1:]) for prefix in prefixes])
+            + [(target, target[0] + ESCAPE + target[1:]) for target in targets])
 
 
 def _unescapes(specials: Sequence[str]) -> list[tuple[str, str]]:

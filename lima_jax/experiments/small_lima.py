@@ -44,6 +44,7 @@ from lima_jax.dev_report import answer_cap_from_data, answer_lengths, dev_report
 from lima_jax.experiments import story_data
 from lima_jax.generation import Generator, SamplingConfig, answer_prompts
 from lima_jax.records import read_prompts, write_jsonl
+from lima_jax.tokenizer import eot_init_row
 from lima_jax.training import EpochEnd, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent.parent
@@ -53,8 +54,9 @@ HELDOUT_STORIES = 32
 HELDOUT_TOKENS = 200
 # (name, config overrides): each changes one setting of the chosen run; measured at its last epoch.
 SWEEP = (
+    ("eot_init_mean", (("tokenizer.eot_init", "mean"),)),
+    ("lr_3e-5", (("optimizer.learning_rate", "3e-5"), ("optimizer.end_learning_rate", "3e-6"))),
     ("lr_3e-4", (("optimizer.learning_rate", "3e-4"), ("optimizer.end_learning_rate", "3e-5"))),
-    ("lr_3e-3", (("optimizer.learning_rate", "3e-3"), ("optimizer.end_learning_rate", "3e-4"))),
     ("no_dropout", (("model.residual_dropout_max", "0.0"),)),
     ("loss_all", (("data.loss_on", "all"),)),
     ("data_250", (("data.train_path", "train_250.jsonl"),)),
@@ -109,7 +111,8 @@ class Base:
     def load(cls, config: ml_collections.ConfigDict) -> "Base":
         rt = runtime.build(config)
         choice, stored = runtime.check_init_from(config, rt.model_cfg)
-        return cls(config, rt, runtime.load_pretrained_params(choice, rt.model_cfg, stored, rt.mesh, rt.rules))
+        return cls(config, rt, runtime.load_pretrained_params(choice, rt.model_cfg, stored, rt.mesh, rt.rules,
+                                                              eot_init_row(config, rt.tokenizer)))
 
     def generator(self, batch_size: int) -> Generator:
         return Generator(self.rt.model_cfg, self.params, self.rt.tokenizer, self.rt.mesh, self.rt.rules, batch_size)
