@@ -164,8 +164,9 @@ def client_llamacpp(ref: dict, gguf: str) -> dict:
     result["plain_spaces_collapsed"] = _exact(
         (llm.tokenize(re.sub(" +", " ", p["text"]).strip(" ").encode(), add_bos=True, special=False), p["ids"])
         for p in ref["plain"])
-    formatter = Jinja2ChatFormatter(template=meta["tokenizer.chat_template"], bos_token="<s>",
-                                    eos_token=llm.detokenize([llm.token_eos()], special=True).decode())
+    piece = lambda token: llm.detokenize([token], special=True).decode()  # noqa: E731
+    formatter = Jinja2ChatFormatter(template=meta["tokenizer.chat_template"], bos_token=piece(llm.token_bos()),
+                                    eos_token=piece(llm.token_eos()))
     for set_name, chats in ref["chat"].items():
         result[set_name] = _exact((llm.tokenize(formatter(messages=c["messages"]).prompt.encode(), add_bos=False,
                                                 special=True), c["ids"]) for c in chats)
@@ -201,7 +202,8 @@ def client_gguf_metadata(ref: dict, gguf_path: str) -> dict:
     tokens, scores, types = (value(f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
     eot = ref["eot_id"]
     return {"client": "gguf", "version": getattr(gguf, "__version__", "gguf-py"), "gguf": gguf_path,
-            "model": value("tokenizer.ggml.model"), "tokens": len(tokens), "distinct_scores": len(set(scores)),
+            "model": value("tokenizer.ggml.model"), "pre": value("tokenizer.ggml.pre"), "tokens": len(tokens),
+            "distinct_scores": len(set(scores)) if scores is not None else "none (BPE)",
             "eot_piece": tokens[eot], "eot_type": int(types[eot]), "control_type": int(gguf.TokenType.CONTROL),
             "eos": value("tokenizer.ggml.eos_token_id"), "eot": value("tokenizer.ggml.eot_token_id"),
             "bos": value("tokenizer.ggml.bos_token_id"),
@@ -260,7 +262,8 @@ def _rows(results: list[dict], new_tokens: int) -> list[str]:
                         f"{r['greedy']} |")
         elif r["client"] == "gguf":
             rows.append(f"| llama.cpp convert_hf_to_gguf.py -> {pathlib.Path(r['gguf']).name} | gguf-py {r['version']} | "
-                        f"GGUF metadata: {r['tokens']} pieces, {r['distinct_scores']} distinct scores, "
+                        f"GGUF metadata: {r['model']} (pre {r['pre']}), {r['tokens']} pieces, "
+                        f"{r['distinct_scores']} distinct scores, "
                         f"{r['eot_piece']!r} type {r['eot_type']} (control {r['control_type']}), eos {r['eos']}, "
                         f"eot {r['eot']}, bos {r['bos']}, chat template = export's: {r['chat_template_is_exported']} "
                         "| (needs llama.cpp) | | |")

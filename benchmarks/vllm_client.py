@@ -55,7 +55,7 @@ def check(base: str, model: str, ref: dict) -> dict:
     greedy, stops = 0, []
     for g in ref["greedy"]:
         reply = _post(f"{base}/v1/chat/completions", {
-            "model": model, "messages": [{"role": "user", "content": g["question"]}], "max_tokens": NEW_TOKENS,
+            "model": model, "messages": [{"role": "user", "content": g["question"]}], "max_tokens": ref["new_tokens"],
             "temperature": 0, "repetition_penalty": 1.0, "return_token_ids": True})
         choice = reply["choices"][0]
         new = choice.get("token_ids")
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--memory_fraction", type=float, default=0.1, help="vLLM's --gpu-memory-utilization, on "
                         "the CPU backend the share of host memory it reserves (its 0.92 default fails on a "
                         "shared host)")
+    parser.add_argument("--new_tokens", type=int, default=NEW_TOKENS, help="greedy tokens per prompt")
     parser.add_argument("--lima_prompts", default=str(SHARED / "lima" / "lima_test.jsonl"))
     parser.add_argument("--mt_bench", default=str(SHARED / "eval" / "mt_bench_question.jsonl"))
     args = parser.parse_args()
@@ -110,7 +111,7 @@ def main() -> None:
     print("| client | version | what was run | ids exact | stops | greedy equal |\n"
           "| --- | --- | --- | --- | --- | --- |")
     print(f"| vLLM OpenAI server | {version} | /tokenize (chat template) + /v1/chat/completions, temperature 0, "
-          f"repetition_penalty 1, {NEW_TOKENS} tokens | {ids} | {result['stops']} | {result['greedy']} |")
+          f"repetition_penalty 1, {args.new_tokens} tokens | {ids} | {result['stops']} | {result['greedy']} |")
 
 
 if __name__ == "__main__":

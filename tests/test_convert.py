@@ -6,6 +6,7 @@ the rounding of different summation orders); a wrong RoPE layout or transpose gi
 from __future__ import annotations
 
 import json
+import shutil
 import pathlib
 import os
 import re
@@ -641,6 +642,18 @@ def test_to_hf_from_a_run_takes_its_checkpoint_and_tokenizer(exported, tmp_path,
     out = capsys.readouterr().out
     assert f"training checkpoint {run / 'checkpoints' / '3'} (step 3, epoch 1): the latest checkpoint" in out
     assert f"tokenizer {TOY_TOKENIZER}: config.tokenizer.path of the run's {run / 'config.json'}" in out
+    assert _snapshot(tmp_path / "hf") == _snapshot(hf)
+
+
+def test_to_hf_from_a_run_whose_tokenizer_path_is_a_folder(exported, tmp_path, capsys):
+    """config.tokenizer.path may name a folder (training reads the file in it): to_hf exports that file."""
+    lima, hf = exported
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copy(TOY_TOKENIZER, folder / "tokenizer.model")
+    run = _fake_run(tmp_path, lima, folder)
+    convert.main(["to_hf", "--input", str(run), "--output", str(tmp_path / "hf"), "--max_shard_gb", "0.0001"])
+    assert f"tokenizer {folder / 'tokenizer.model'}: config.tokenizer.path of the run's" in capsys.readouterr().out
     assert _snapshot(tmp_path / "hf") == _snapshot(hf)
 
 

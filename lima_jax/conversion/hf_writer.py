@@ -27,7 +27,7 @@ from lima_jax.errors import ConversionError
 from lima_jax.generation import SamplingConfig
 from lima_jax.model import strip_vocab_padding
 from lima_jax.paths import PathLike, as_path
-from lima_jax.tokenizer import EOT_NEW_ROW, Tokenizer
+from lima_jax.tokenizer import EOT_NEW_ROW, Tokenizer, tokenizer_file
 
 Checkpoint = PathLike | rundir.CheckpointChoice
 
@@ -121,10 +121,12 @@ def unpadded(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
 
 
 def export_tokenizer(checkpoint: Checkpoint, tokenizer: PathLike | None = None) -> tuple[epath.Path, str]:
-    """(the sentencepiece model to export with `checkpoint`, where it came from): `tokenizer` when given,
-    else `config.tokenizer.path` of the training run the checkpoint belongs to."""
+    """(the tokenizer file to export with `checkpoint`, where it came from): `tokenizer` when given, else
+    `config.tokenizer.path` of the training run the checkpoint belongs to; a folder gives the file in it that
+    training reads (`tokenizer.tokenizer_file`)."""
     if tokenizer is not None:
-        return as_path(tokenizer), "given (--tokenizer)"
+        given = as_path(tokenizer)
+        return (tokenizer_file(given, "--tokenizer") if given.is_dir() else given), "given (--tokenizer)"
     choice = _choice(checkpoint)
     run_config = rundir.run_config_of(choice.folder)
     require(run_config is not None, choice.folder, "no --tokenizer given, and this is not a checkpoint of a training "
@@ -132,9 +134,11 @@ def export_tokenizer(checkpoint: Checkpoint, tokenizer: PathLike | None = None) 
     config = load_config_file(run_config)
     path = config.get("tokenizer", {}).get("path")
     require(bool(path), run_config, "tokenizer.path is not set: pass --tokenizer")
-    require(as_path(path).is_file(), run_config, f"tokenizer.path={path} not found (a relative path is taken "
+    require(as_path(path).exists(), run_config, f"tokenizer.path={path} not found (a relative path is taken "
             "from the current directory): pass --tokenizer")
-    return as_path(path), f"config.tokenizer.path of the run's {run_config}"
+    # a file, or a folder holding one, as training reads it
+    found = tokenizer_file(path, f"config.tokenizer.path of {run_config}")
+    return found, f"config.tokenizer.path of the run's {run_config}"
 
 
 def export_eot(checkpoint: Checkpoint, eot: str | None = None) -> tuple[str, str]:
