@@ -88,6 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
     # The workdir's run lock (docs/training.md): heartbeat every 60 s; one older than 600 s is stale.
     c.train.lock_heartbeat_s = 60.0
     c.train.lock_stale_s = 600.0
+    # JAX's persistent compilation cache (a folder): a restarted or preempted job loads its compiled
+    # step instead of compiling it again. "": off (a JAX_COMPILATION_CACHE_DIR in the environment still applies).
+    c.train.compilation_cache_dir = ""
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-5  # no warmup, linear decay to 1e-6 at the end of training

@@ -358,6 +358,8 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, isinstance(t.get("async_checkpointing", True), bool), "train.async_checkpointing",
            "must be true or false (true: mid-epoch checkpoints are written in the background while training goes on)")
     _check(config, t.get("resume_step", 0) >= 0, "train.resume_step", "must be >= 0 (0: the newest checkpoint)")
+    _check(config, isinstance(t.get("compilation_cache_dir", ""), str), "train.compilation_cache_dir",
+           "must be a folder path or gs:// URL (\"\": off)")
     heartbeat_s, stale_s = lock_timing(config)
     _check(config, _is_number(heartbeat_s) and heartbeat_s > 0, "train.lock_heartbeat_s",
            "must be a positive number of seconds (how often a run rewrites the heartbeat of its run.lock)")

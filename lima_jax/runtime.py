@@ -49,10 +49,21 @@ class Runtime:
         return Llama(self.model_cfg)
 
 
+def use_compilation_cache(config: ml_collections.ConfigDict) -> None:
+    """Points JAX's persistent compilation cache at `config.train.compilation_cache_dir` when it is set, so a
+    restarted job loads its compiled programs instead of compiling them again. JAX reads the setting at its
+    first compilation: `build` calls this before anything is compiled."""
+    folder = config.get("train", {}).get("compilation_cache_dir", "")
+    if folder:
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+        logging.info("compilation cache: %s (train.compilation_cache_dir)", folder)
+
+
 def build(config: ml_collections.ConfigDict, with_eot: bool = True, tokenizer: Tokenizer | None = None) -> Runtime:
     """The Runtime of `config`, every part checked (tokenizer file, vocabulary, mesh) before any compilation.
     `with_eot=False` admits a model without the EOT row (a base model, sampled as plain completion);
     `tokenizer`, when the caller has already loaded `config`'s, is used instead of loading it again."""
+    use_compilation_cache(config)
     if tokenizer is None:
         tokenizer = load_tokenizer(config)
         logging.info("tokenizer: %s", tokenizer.describe())

@@ -77,7 +77,8 @@ def run_cli(workdir, *extra, **popen):
 def test_killed_run_resumes_from_the_last_epoch_and_matches_an_uninterrupted_run(uninterrupted_run, tmp_path):
     config, _ = uninterrupted_run
     workdir = tmp_path / "killed"
-    first = run_cli(workdir)
+    cache = tmp_path / "jit_cache"  # train.compilation_cache_dir: the restart can load the compiled step
+    first = run_cli(workdir, f"--config.train.compilation_cache_dir={cache}")
     deadline = time.time() + 300
     while len(finished_checkpoints(workdir)) < 2 and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -88,9 +89,11 @@ def test_killed_run_resumes_from_the_last_epoch_and_matches_an_uninterrupted_run
     done_before_kill = finished_checkpoints(workdir)
     assert 2 <= len(done_before_kill) < 4
 
-    second = run_cli(workdir)
+    assert any(cache.iterdir()), "the first run wrote nothing to train.compilation_cache_dir"
+    second = run_cli(workdir, f"--config.train.compilation_cache_dir={cache}")
     output, _ = second.communicate(timeout=300)
     assert second.returncode == 0, output
+    assert f"compilation cache: {cache}" in output
     assert f"resumed from {workdir / 'checkpoints'}/{done_before_kill[-1]}" in output
     assert "total parameters" in output  # the parameter overview is printed at start
     assert finished_checkpoints(workdir) == [6, 12, 18, 24]
