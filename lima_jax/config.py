@@ -18,7 +18,7 @@ import ml_collections
 
 from lima_jax.errors import ConfigError
 from lima_jax.paths import PathLike, as_path
-from lima_jax.tokenizer import EOT_INIT_CHOICES
+from lima_jax.tokenizer import EOT_INIT_CHOICES, EOT_NEW_ROW, eot_choice, eot_init
 
 # model.remat_policy: what the backward pass keeps of each layer's forward (docs/performance.md): "none" keeps
 # everything, "full" nothing (recomputes the layer), "dots" / "dots_no_batch" the matmul outputs, "attention_out"
@@ -382,15 +382,15 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
            "(b2 <= 0.984), or nu_dtype=\"float32\"")
     _check(config, bool(config.tokenizer.path) or not paths, "tokenizer.path",
            "set the tokenizer: a sentencepiece or tiktoken tokenizer.model, a tokenizer.json, or a folder holding one")
-    eot = config.tokenizer.get("eot", "new_row")  # absent in a config.json written before it existed: the default
+    eot = eot_choice(config)  # absent in a config.json written before it existed: the default
     _check(config, isinstance(eot, str) and bool(eot), "tokenizer.eot",
            "must be \"new_row\" (a new id after the tokenizer's: the paper's recipe) or the name of one of the "
            "tokenizer's special tokens, e.g. \"<|eot_id|>\" (docs/model.md)")
-    init = config.tokenizer.get("eot_init", "mean")  # absent in a config.json written before it existed
+    init = eot_init(config)  # absent in a config.json written before it existed: "mean"
     _check(config, init in EOT_INIT_CHOICES, "tokenizer.eot_init",
            f"must be one of {EOT_INIT_CHOICES}: a new EOT row starts as the mean of the pretrained rows or as a copy "
            "of the BOS / EOS row (docs/model.md)")
-    _check(config, init == "mean" or eot == "new_row", "tokenizer.eot_init",
+    _check(config, init == "mean" or eot == EOT_NEW_ROW, "tokenizer.eot_init",
            f"{init!r} sets the start of a new EOT row, but tokenizer.eot={eot!r} is an existing token whose row "
            "keeps its pretrained values: use \"mean\" (the default) or tokenizer.eot=\"new_row\"")
     _check(config, bool(config.get("init_from")) or not paths or not config.get("require_init_from", False),
