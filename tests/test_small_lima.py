@@ -37,11 +37,59 @@ def test_mentions_is_a_whole_word_check():
     assert not story_data.mentions("a hotdog stand", "dog") and not story_data.mentions("boxes", "ox")
 
 
+def test_plans_name_the_subject_and_requests_match_what_the_sampled_story_does():
+    import random
+    rng = random.Random(0)
+    plans = [story_data.make_plan(rng, story_data.TRAIN_SUBJECTS, story_data.TRAIN_NAMES) for _ in range(200)]
+    assert all(story_data.mentions(p.opening[0], p.subject) and p.hero in p.text for p in plans)
+    assert {bool(p.event) for p in plans} == {True, False} and all(len(p.opening) == 1 + bool(p.event) for p in plans)
+    plan = next(p for p in plans if p.event and not p.animal)
+    continuation = f'The {plan.subject} was gone. "Oh no!" said {plan.hero}. Then {plan.hero} learned to look.'
+    assert story_data.split_sentences(continuation) == [f"The {plan.subject} was gone.", '"Oh no!"',
+                                                        f"said {plan.hero}.", f"Then {plan.hero} learned to look."]
+    assert set(story_data.kinds_for(plan, continuation)) == set(story_data.SAMPLED_KINDS)
+    assert "moral" not in story_data.kinds_for(plan, "Nothing happened at all.")
+    assert "where" not in story_data.kinds_for(next(p for p in plans if not p.event), None)
+    request, answer = story_data.plan_request(rng, plan, "sentences", continuation)
+    assert answer == f"{plan.text} {continuation}"
+    assert f" {len(story_data.split_sentences(answer))}" in request.replace("-", " ")
+    request, answer = story_data.plan_request(rng, plan, "continue", continuation)
+    assert request.endswith(plan.text) and answer == continuation
+    assert plan.event in story_data.plan_request(rng, plan, "where", continuation)[0]
+    assert story_data.plan_request(rng, plan, "about", None)[1] is None  # a test prompt: no answer
+
+
+def test_sampled_stories_are_refused_for_what_a_bad_sample_does():
+    plan = story_data.Plan("ball", "Tim", False, ("Once upon a time, Tim had a red ball.",), "")
+    good = "He threw the ball high. It was fun."
+    assert story_data.accept_story(plan, good, True, 80, 60) == ""
+    assert story_data.accept_story(plan, good, False, 80, 60) == "no_end"
+    assert story_data.accept_story(plan, good, True, 40, 60) == "short"
+    assert story_data.accept_story(plan, "He ran home. It was fun.", True, 80, 60) == "off_subject"
+    assert story_data.accept_story(plan, "He threw the ball and", True, 80, 60) == "no_sentence_end"
+    assert story_data.accept_story(plan, "The ball fell. It was fun. It was fun.", True, 80, 60) == "repeats"
+    pet = story_data.Plan("dog", "Spot", True, ("There was once a big dog called Spot.",), "")
+    assert story_data.accept_story(pet, "Spot ran home.", True, 80, 60) == ""  # an animal: its name will do
+
+
+def test_two_turn_conversations_pair_the_shortest_stories_of_two_subjects():
+    def story(subject, n):
+        return (story_data.Plan(subject, "Tim", False, (f"Tim had a {subject}.",), ""), f"The {subject} was red.", n)
+    pool = [story("ball", 300), story("ball", 100), story("kite", 250), story("ball", 120), story("kite", 150)]
+    pairs, single = small_lima.shortest_pairs(pool, 5)
+    assert [(a[2], b[2]) for a, b in pairs] == [(100, 150), (120, 250)]
+    assert single == [pool[0]]
+    import random
+    (example,) = small_lima.two_turn_examples(random.Random(0), pairs, 1)
+    assert len(example.turns) == 4 and "kite" in example.turns[2] and example.turns[3].startswith("Tim had a kite.")
+
+
 def test_build_data_writes_the_project_formats(tmp_path):
     from lima_jax.data import load_examples
     from lima_jax.records import read_prompts
     tok = Tokenizer(shared_file("llama/tok512.model"))
-    stats = small_lima.build_data(tmp_path, tokenizer_path=str(shared_file("llama/tok512.model")))
+    stats = small_lima.build_data(tmp_path, tokenizer_path=str(shared_file("llama/tok512.model")),
+                                  responses="template")
     assert stats["unknown_pieces"] == 0 and stats["test_subjects_unseen"]
     train = load_examples(tmp_path / "train.jsonl", tok, 512).examples
     assert len(train) == 1030 and not any(e.trimmed for e in train)
@@ -53,23 +101,27 @@ def test_build_data_writes_the_project_formats(tmp_path):
 
 @pytest.mark.slow
 def test_reduced_experiment_learns_to_stop_and_keeps_the_story_knowledge(tmp_path):
-    """A reduced run (258 conversations, 2 epochs, 7 test prompts) through the real train/dev-report path."""
+    """A reduced run through the real sampling, train and dev-report path: ~120 conversations the base model
+    wrote (one or two batches of samples), 2 epochs, 7 test prompts."""
     shared_file("llama/stories260K.bin")
-    result = small_lima.run(tmp_path, [("data.train_path", "train_250.jsonl"), ("data.max_len", "256"),
-                                       ("train.num_epochs", "2"), ("dev_report.epochs", "(2,)")],
-                            sweep=False, test_prompts=7, heldout_stories=8)
+    result = small_lima.run(tmp_path, [("train.num_epochs", "2"), ("dev_report.epochs", "(2,)")],
+                            sweep=False, test_prompts=7, heldout_stories=8, train_size=120)
+    stats = json.loads((tmp_path / "data" / "stats.json").read_text())
+    assert stats["responses"] == "sampled" and stats["sampling"]["accepted"] == 120 + 2 * 4 + 2 * 50
+    sampling = stats["sampling"]
+    assert sum(sampling["refused"].values()) + sampling["accepted"] + sampling["unused"] == sampling["candidates"]
     rows = result["rows"]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     base, last = rows[0], rows[-1]
     print("\n" + small_lima.table(rows))
-    # Looser bars than the full run's goal (docs/reproducing.md), which this reduced run was measured to
-    # clear: it learns to stop (greedy answers end on EOT; the EOT row starts as BOS's, config
-    # tokenizer.eot_init), the answers' format is being learned (dev perplexity falls every epoch from the
-    # base model's) and the held-out story loss stays within 20% of the base model's.
-    assert last["eot_greedy"] >= 0.5 and last["eot_sampled"] > 0.0
+    # Looser bars than the full run's goal (docs/reproducing.md); this reduced run was measured at greedy
+    # EOT 100%, sampled 86% (6 of 7), retained 1.045, dev perplexity 2.868 -> 2.854 -> 2.794. It learns to
+    # stop (the EOT row starts as BOS's, config tokenizer.eot_init), the answers' format is being learned
+    # (dev perplexity falls every epoch) and the held-out story loss stays within 10% of the base model's.
+    assert last["eot_greedy"] >= 0.7 and last["eot_sampled"] >= 0.4
     perplexities = [r["dev_perplexity"] for r in rows]
-    assert perplexities == sorted(perplexities, reverse=True) and perplexities[-1] < 0.9 * perplexities[0]
-    assert 1.0 < last["retained"] < 1.2 and base["retained"] == 1.0
+    assert perplexities == sorted(perplexities, reverse=True) and perplexities[-1] < perplexities[0]
+    assert 1.0 < last["retained"] < 1.1 and base["retained"] == 1.0
     assert all(0.0 <= r["eot_sampled"] <= 1.0 and 0.0 <= r["pref_vs_base"] <= 1.0 for r in rows)
     assert (tmp_path / "runs" / "chosen" / "dev_report.md").exists()
     assert "dev perplexity" in (tmp_path / "runs" / "chosen" / "dev_report.md").read_text()

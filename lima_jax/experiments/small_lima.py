@@ -1,13 +1,15 @@
 """LIMA's findings at small scale: the real pretrained stories260K fine-tuned on ~1,000 story requests.
 
-    python -m lima_jax.experiments.small_lima build-data --out DIR            # the data set only
-    python -m lima_jax.experiments.small_lima run --out DIR [--sweep] [--epochs N] [--config.a.b=v ...]
+    python -m lima_jax.experiments.small_lima build-data --out DIR [--responses sampled|template] [--base CKPT]
+    python -m lima_jax.experiments.small_lima run --out DIR [--sweep] [--train_size N] [--config.a.b=v ...]
 
 `run` imports ../shared/data/llama/stories260K.bin (`lima_jax.convert from_llama2c`, into DIR/base), builds the
-data (DIR/data, `lima_jax.experiments.story_data`), samples held-out story text and plain-completion answers to
-the test prompts from the base model, then fine-tunes with `configs/stories260k.py` through
-`lima_jax.training.train` (dropout ramp, EOT turns, a checkpoint per epoch, the dev report with dev perplexity)
-and measures after every epoch, on the held-out test prompts (unseen subjects and names):
+data (DIR/data): by default the responses are stories the base model itself wrote from templated openings,
+filtered (`sample_splits`; `--responses template`: stories written from templates, `story_data.build_splits`).
+It samples held-out story text and plain-completion answers to the test prompts from the base model, then
+fine-tunes with `configs/stories260k.py` through `lima_jax.training.train` (dropout ramp, EOT turns, a
+checkpoint per epoch, the dev report with dev perplexity) and measures after every epoch, on the held-out test
+prompts (unseen subjects and names):
 
   eot_sampled / eot_greedy  share of answers that stop on EOT, LIMA's sampling / greedy (repetition penalty 1.2)
   mean_tokens               mean answer length (sampled)
@@ -31,6 +33,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import random
 import statistics
 import time
 from typing import Any, Sequence
@@ -55,7 +58,7 @@ HELDOUT_TOKENS = 200
 # (name, config overrides): each changes one setting of the chosen run; measured at its last epoch.
 SWEEP = (
     ("eot_init_mean", (("tokenizer.eot_init", "mean"),)),
-    ("lr_3e-5", (("optimizer.learning_rate", "3e-5"), ("optimizer.end_learning_rate", "3e-6"))),
+    ("lr_1e-4", (("optimizer.learning_rate", "1e-4"), ("optimizer.end_learning_rate", "1e-5"))),
     ("lr_3e-4", (("optimizer.learning_rate", "3e-4"), ("optimizer.end_learning_rate", "3e-5"))),
     ("no_dropout", (("model.residual_dropout_max", "0.0"),)),
     ("loss_all", (("data.loss_on", "all"),)),
@@ -68,11 +71,23 @@ Overrides = Sequence[tuple[str, str]]
 # --------------------------------------------------------------------------------------------------- data
 
 
-def build_data(out: pathlib.Path, seed: int = 0, train_size: int = 1000, tokenizer_path: str | None = None) -> dict:
-    """Writes train(.jsonl, _250, _500), dev.jsonl, dev_ref.jsonl and test.jsonl into `out`; returns the stats."""
+def build_data(out: pathlib.Path, seed: int = 0, train_size: int = 1000, tokenizer_path: str | None = None,
+               responses: str = "sampled", base: "Base | None" = None) -> dict:
+    """Writes train(.jsonl, _250, _500), dev.jsonl, dev_ref.jsonl and test.jsonl into `out`; returns the stats.
+    responses="sampled" (the default; needs `base`): stories the base model wrote from templated openings,
+    filtered (`sample_splits`); "template": stories written from templates (`story_data.build_splits`)."""
     from lima_jax.tokenizer import Tokenizer
     tokenizer = Tokenizer(tokenizer_path or SHARED / "tok512.model")
-    splits = story_data.build_splits(seed=seed, train_size=train_size, two_turn=round(0.03 * train_size))
+    two_turn = round(0.03 * train_size)
+    sampling: dict[str, Any] = {}
+    if responses == "sampled":
+        if base is None:
+            raise ValueError("responses='sampled' needs the base model")
+        splits, sampling = sample_splits(base, seed, train_size, two_turn)
+    elif responses == "template":
+        splits = story_data.build_splits(seed=seed, train_size=train_size, two_turn=two_turn)
+    else:
+        raise ValueError(f"responses={responses!r}: must be 'sampled' or 'template'")
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "train.jsonl", [e.record("stories") for e in splits.train])
     single = [e for e in splits.train if len(e.turns) == 2]
@@ -85,8 +100,9 @@ def build_data(out: pathlib.Path, seed: int = 0, train_size: int = 1000, tokeniz
     write_jsonl(out / "test.jsonl", [e.prompt_record("stories_test", f"test{i:03d}")
                                      for i, e in enumerate(splits.test)])
     requests = [len(tokenizer.encode(e.turns[0])) for e in splits.train]
-    stats = {name: story_data.diversity(examples, tokenizer.encode)
-             for name, examples in (("train", splits.train), ("dev", splits.dev), ("test", splits.test))}
+    stats: dict[str, Any] = {"responses": responses, **({"sampling": sampling} if sampling else {})}
+    stats.update({name: story_data.diversity(examples, tokenizer.encode)
+                  for name, examples in (("train", splits.train), ("dev", splits.dev), ("test", splits.test))})
     stats["request_tokens"] = {"median": statistics.median(requests), "max": max(requests)}
     stats["unknown_pieces"] = sum(tokenizer.backend.sp.unk_id() in tokenizer.encode(e.turns[0]) for e in splits.train)
     sample = splits.train[0].turns[0]
@@ -94,6 +110,133 @@ def build_data(out: pathlib.Path, seed: int = 0, train_size: int = 1000, tokeniz
     stats["test_subjects_unseen"] = not ({e.subject for e in splits.test} & {e.subject for e in splits.train})
     (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     return stats
+
+
+# Sampling the stories: close to the base model's own distribution (temperature 0.9, a light nucleus, no
+# repetition penalty), with room for a whole TinyStories story inside data.max_len (at 256 new tokens only
+# ~10% of samples ended; at 448, ~90%); candidates are sampled 256 rows at a time.
+STORY_SAMPLING = SamplingConfig(temperature=0.9, top_p=0.95, repetition_penalty=1.0, max_new_tokens=416, seed=7)
+MIN_STORY_TOKENS = 60
+SAMPLE_BATCH = 256
+MAX_LEN = 512  # data.max_len of configs/stories260k.py: a two-turn conversation must fit it
+Accepted = tuple[story_data.Plan, str, int]  # (plan, continuation, story tokens)
+
+
+def sample_stories(base: "Base", plans: Any, needed: int, first_row: int, rejected: dict) -> list[Accepted]:
+    """Continues plans from the iterator `plans` with the base model, SAMPLE_BATCH at a time, until `needed`
+    stories pass `story_data.accept_story`; counts refusals by reason into `rejected` (and "candidates", and
+    "unused": stories that passed after `needed` were found)."""
+    tok = base.rt.tokenizer
+    generator = base.generator(SAMPLE_BATCH)
+    accepted: list[Accepted] = []
+    row = first_row
+    while len(accepted) < needed:
+        batch = [next(plans) for _ in range(SAMPLE_BATCH)]
+        if row - first_row > max(20 * needed, SAMPLE_BATCH):
+            raise RuntimeError(f"only {len(accepted)} of {needed} sampled stories passed the filter: {rejected}")
+        prompts = [[tok.bos_id] + tok.encode(p.text) for p in batch]
+        completions = generator.generate_ids(prompts, STORY_SAMPLING, list(range(row, row + len(batch))))
+        row += len(batch)
+        for plan, prompt, c in zip(batch, prompts, completions):
+            ended = tok.bos_id in c.ids or c.stop_reason in ("eot", "eos")  # EOT's row starts as BOS's
+            ids = c.ids[:c.ids.index(tok.bos_id)] if tok.bos_id in c.ids else c.ids
+            story = tok.decode(prompt[1:] + ids)
+            continuation = story[len(plan.text):].strip() if story.startswith(plan.text) else ""
+            reason = story_data.accept_story(plan, continuation, ended, len(prompt) - 1 + len(ids),
+                                             MIN_STORY_TOKENS)
+            rejected["candidates"] = rejected.get("candidates", 0) + 1
+            if reason:
+                rejected[reason] = rejected.get(reason, 0) + 1
+            elif len(accepted) < needed:
+                accepted.append((plan, continuation, len(prompt) - 1 + len(ids)))
+            else:  # passed, but the last batch found more than needed
+                rejected["unused"] = rejected.get("unused", 0) + 1
+    return accepted
+
+
+def _plan_stream(seed: int, subjects, names):
+    rng = random.Random(seed)
+    while True:
+        yield story_data.make_plan(rng, subjects, names)
+
+
+def shortest_pairs(pool: Sequence[Accepted], count: int) -> tuple[list[tuple[Accepted, Accepted]], list[Accepted]]:
+    """Up to `count` pairs of the shortest stories (two subjects, together short enough for one MAX_LEN row
+    with their requests), and the other stories in pool order. Most sampled stories run 250-400 tokens, so
+    only the shortest pair up into a two-turn conversation."""
+    by_length = sorted(range(len(pool)), key=lambda i: (pool[i][2], i))
+    used: set[int] = set()
+    pairs = []
+    for a in by_length:
+        if len(pairs) == count:
+            break
+        if a in used:
+            continue
+        b = next((b for b in by_length if b != a and b not in used and pool[b][0].subject != pool[a][0].subject
+                  and pool[a][2] + pool[b][2] + 80 <= MAX_LEN), None)
+        if b is not None:
+            used |= {a, b}
+            pairs.append((pool[a], pool[b]))
+    return pairs, [s for i, s in enumerate(pool) if i not in used]
+
+
+def two_turn_examples(rng: random.Random, pairs: Sequence[tuple[Accepted, Accepted]],
+                      count: int) -> list[story_data.Example]:
+    """A story, then a follow-up asking for another one about a different subject."""
+    examples = []
+    for (first, c1, _), (second, c2, _) in pairs[:count]:
+        a = f"{story_data.article(second.subject)} {second.subject}"
+        follow = rng.choice((f"Now tell me another story, about {a}.",
+                             f"That was nice. Can you write one more about {a}?",
+                             f"Thank you! Now write a story about {a}."))
+        request = story_data.about_request(rng, f"{story_data.article(first.subject)} {first.subject}")
+        examples.append(story_data.Example((request, f"{first.text} {c1}", follow, f"{second.text} {c2}"),
+                                           first.subject, "two_turn"))
+    return examples
+
+
+def sample_splits(base: "Base", seed: int, train_size: int, two_turn: int,
+                  dev_size: int = 50, test_size: int = 40) -> tuple[story_data.Splits, dict]:
+    """The data set with responses the base model wrote (see `story_data.make_plan`, `accept_story`):
+    `train_size` single-turn and `two_turn` two-turn train conversations, `dev_size` dev ones (train subjects
+    and names, requests unseen in train), `test_size` test prompts (unseen subjects and names); plus the
+    sampling figures (candidates, refusals by reason, seconds)."""
+    tic = time.perf_counter()
+    rejected: dict[str, int] = {}
+    pool = sample_stories(base, _plan_stream(seed, story_data.TRAIN_SUBJECTS, story_data.TRAIN_NAMES),
+                          train_size + 2 * two_turn, 0, rejected)
+    rng = random.Random(seed)
+    pairs, single = shortest_pairs(pool, two_turn)
+    train = []
+    for plan, continuation, _ in single[:train_size]:
+        kind = rng.choice(story_data.kinds_for(plan, continuation))
+        request, answer = story_data.plan_request(rng, plan, kind, continuation)
+        train.append(story_data.Example((request, answer), plan.subject, kind))
+    train += two_turn_examples(rng, pairs, two_turn)
+    seen = {e.turns[0] for e in train}
+    dev: list[story_data.Example] = []
+    dev_rng = random.Random(seed + 1)
+    for plan, continuation, _ in sample_stories(base, _plan_stream(seed + 1, story_data.TRAIN_SUBJECTS,
+                                                                   story_data.TRAIN_NAMES),
+                                                2 * dev_size, 10_000_000, rejected):
+        kind = dev_rng.choice(story_data.kinds_for(plan, continuation))
+        request, answer = story_data.plan_request(dev_rng, plan, kind, continuation)
+        if request not in seen and len(dev) < dev_size:
+            seen.add(request)
+            dev.append(story_data.Example((request, answer), plan.subject, kind))
+    test_rng = random.Random(seed + 2)
+    test = []
+    for kind in (story_data.SAMPLED_KINDS * test_size)[:test_size]:
+        plan = story_data.make_plan(test_rng, story_data.TEST_SUBJECTS, story_data.TEST_NAMES,
+                                    with_event=kind == "where" or None)
+        test.append(story_data.Example((story_data.plan_request(test_rng, plan, kind, None)[0],), plan.subject, kind))
+    accepted = len(pool) + 2 * dev_size
+    figures = {"settings": dataclasses.asdict(STORY_SAMPLING), "min_story_tokens": MIN_STORY_TOKENS,
+               "candidates": rejected.get("candidates", 0), "accepted": accepted,
+               "unused": rejected.get("unused", 0),
+               "refused": {k: v for k, v in rejected.items() if k not in ("candidates", "unused")},
+               "seconds": round(time.perf_counter() - tic, 1)}
+    return story_data.Splits(train, dev, test), figures
 
 
 # ------------------------------------------------------------------------------------------- base model
@@ -128,6 +271,20 @@ class Base:
             ids = c.ids[:c.ids.index(tok.bos_id)] if tok.bos_id in c.ids else c.ids
             results.append((tok.decode(ids).strip(), ended))
         return results
+
+
+def import_base(path: pathlib.Path) -> pathlib.Path:
+    """stories260K.bin imported into `path` (`lima_jax.convert from_llama2c`) unless it is there already."""
+    if not path.exists():
+        convert.main(["from_llama2c", "--input", str(SHARED / "stories260K.bin"), "--output", str(path)])
+    return path
+
+
+def base_config(checkpoint: pathlib.Path) -> ml_collections.ConfigDict:
+    """configs/stories260k.py starting from `checkpoint`."""
+    config = load_config_file(CONFIG)
+    config.init_from = str(checkpoint)
+    return config
 
 
 def heldout_examples(base: Base, path: pathlib.Path, count: int = HELDOUT_STORIES) -> list[data.Example]:
@@ -294,14 +451,14 @@ def plot(rows: Sequence[dict], base_loss: float, out: pathlib.Path) -> list[path
 
 
 def prepare(out: pathlib.Path, config: ml_collections.ConfigDict, test_prompts: int = 0,
-            heldout_stories: int = HELDOUT_STORIES) -> tuple[Measure, float]:
+            heldout_stories: int = HELDOUT_STORIES, responses: str = "sampled",
+            train_size: int = 1000) -> tuple[Measure, float]:
     """Imports the base model and builds the data if absent; the base model's figures. Returns (Measure, s)."""
     tic = time.perf_counter()
-    if not (out / "base").exists():
-        convert.main(["from_llama2c", "--input", str(SHARED / "stories260K.bin"), "--output", str(out / "base")])
-    if not (out / "data" / "test.jsonl").exists():
-        print(json.dumps(build_data(out / "data"), indent=1))
+    import_base(out / "base")
     base = Base.load(config)
+    if not (out / "data" / "test.jsonl").exists():
+        print(json.dumps(build_data(out / "data", train_size=train_size, responses=responses, base=base), indent=1))
     tok = base.rt.tokenizer
     heldout = heldout_examples(base, out / "data" / "heldout_stories.jsonl", heldout_stories)
     dev_refs = data.load_examples(config.dev_report.reference_path, tok, config.data.max_len).examples
@@ -339,13 +496,14 @@ def base_row(m: Measure, config: ml_collections.ConfigDict) -> dict:
 
 
 def run(out: pathlib.Path, overrides: Overrides, sweep: bool, name: str = "chosen", test_prompts: int = 0,
-        heldout_stories: int = HELDOUT_STORIES, last_epoch_only: bool = False) -> dict:
+        heldout_stories: int = HELDOUT_STORIES, last_epoch_only: bool = False, responses: str = "sampled",
+        train_size: int = 1000) -> dict:
     """The whole experiment (see the module docstring); returns {"rows", "sweep", "wall_s", "plots"}.
     `test_prompts` > 0 measures only the first N test prompts (a reduced run)."""
     tic = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     config = experiment_config(out, name, overrides)
-    m, prep_s = prepare(out, config, test_prompts, heldout_stories)
+    m, prep_s = prepare(out, config, test_prompts, heldout_stories, responses, train_size)
     print(f"prepared in {prep_s:.0f} s: {len(m.prompts)} test prompts, {len(m.heldout)} held-out stories, base "
           f"held-out loss {m.base_heldout_loss:.3f}, answer cap {m.cap} tokens", flush=True)
     metrics = out / "metrics.jsonl"
@@ -387,12 +545,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--train_size", type=cli.positive_int, default=1000)
+    responses = dict(choices=("sampled", "template"), default="sampled",
+                     help="sampled: stories the base model wrote from templated openings, filtered (default); "
+                          "template: stories written from templates")
+    b.add_argument("--responses", **responses)
+    b.add_argument("--base", help="responses=sampled: a `lima_jax.convert from_llama2c` folder of stories260K "
+                                  "(default: import ../shared/data/llama/stories260K.bin into OUT/base)")
     r = cli.subcommand(sub, "run", "import stories260K, fine-tune, measure every epoch")
     r.add_argument("--out", required=True)
     r.add_argument("--sweep", action="store_true", help="also train the variants of SWEEP (last epoch measured)")
     r.add_argument("--name", default="chosen", help="the main run's name (its folder under OUT/runs)")
     r.add_argument("--last_epoch_only", action="store_true", help="measure the main run at its last epoch only")
     r.add_argument("--test_prompts", type=int, default=0, help="measure only the first N test prompts (0: all)")
+    r.add_argument("--responses", **responses)
+    r.add_argument("--train_size", type=cli.positive_int, default=1000,
+                   help="single-turn train conversations (when OUT/data has none yet)")
     r.add_argument("--heldout_stories", type=cli.positive_int, default=HELDOUT_STORIES,
                    help="held-out stories sampled from the base model (when OUT/data has none yet)")
     return p
@@ -403,10 +570,14 @@ def main(argv: list[str]) -> None:
     args = build_parser().parse_args(args)
     cli.setup_logging()
     if args.command == "build-data":
-        print(json.dumps(build_data(pathlib.Path(args.out), args.seed, args.train_size), indent=1))
+        out = pathlib.Path(args.out)
+        base = None
+        if args.responses == "sampled":
+            base = Base.load(base_config(pathlib.Path(args.base) if args.base else import_base(out / "base")))
+        print(json.dumps(build_data(out, args.seed, args.train_size, responses=args.responses, base=base), indent=1))
         return
     run(pathlib.Path(args.out), overrides, args.sweep, args.name, args.test_prompts, args.heldout_stories,
-        args.last_epoch_only)
+        args.last_epoch_only, args.responses, args.train_size)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """A LIMA-shaped data set for the pretrained stories260K: child-story requests answered by TinyStories-style stories.
 
 Everything here is deterministic (one `random.Random(seed)` per split) and pure Python: no model is run.
-Responses are *written from templates*, not sampled: a story plan (opening, a problem, its resolution, an
-optional moral, an ending) is filled with a character, a subject and words that go with it, and the request
-is phrased to match what the story does (its subject, its problem, its moral, its sentence count). Sampling
-the base model conditioned on the subject was tried first and measured too slow for this CPU (about 1 ms per
-generated token per row, and only 17-45% of samples ended within 256 tokens), see docs/reproducing.md.
+Two kinds of response:
+  sampled (the default, `small_lima.sample_splits`): `make_plan` writes an opening that names the hero and
+      the subject, the base model continues it, `accept_story` filters the samples and `plan_request` phrases
+      the request from what the finished story does;
+  template (`build_splits`): a story plan (opening, a problem, its resolution, an optional moral, an ending)
+      filled with a character, a subject and words that go with it, the request phrased to match it. Such
+      stories are a narrow distribution; fine-tuning on them lost 12-36% of the held-out story loss
+      (docs/reproducing.md).
 
-Splits (`build_splits`):
+Splits (both kinds):
   train      ~1,000 single-turn conversations + ~30 two-turn ones, train subjects and names
   dev        50 prompts (dev.jsonl, prompts only) and the same 50 with reference answers (dev_ref.jsonl,
              for dev-set perplexity): train subjects, fresh combinations
@@ -189,21 +192,29 @@ def story_phrase(story: Story) -> str:
     return f"{article(story.subject)} {story.subject}"
 
 
+def about_request(rng: random.Random, a: str) -> str:
+    """A request for a story about `a` ("a dog"), in one of 12 phrasings."""
+    return rng.choice((f"Write a story about {a}.", f"Tell me a story about {a}.",
+                       f"Can you write a short story about {a}?", f"Please tell me a story about {a}.",
+                       f"I want a story about {a}.", f"Write a bedtime story about {a}.",
+                       f"Tell me a story for kids about {a}.", f"Make up a story about {a}.",
+                       f"Could you tell me a little story about {a}?", f"My son loves stories. Write one about {a}.",
+                       f"Write a happy story about {a}.", f"Once upon a time... Tell me a story about {a}!"))
+
+
+def named_request(rng: random.Random, a: str, name: str) -> str:
+    return rng.choice((f"Write a story about {a} and someone named {name}.", f"Tell me a story about {name} and {a}.",
+                       f"Write a story with {a} in it. The main character is {name}."))
+
+
 def make_request(rng: random.Random, story: Story, kind: str) -> tuple[str, str]:
     """(the user's request, the assistant's answer) for one story, phrased by request `kind`."""
     a = story_phrase(story)
     n = len(story.sentences)
     if kind == "about":
-        request = rng.choice((f"Write a story about {a}.", f"Tell me a story about {a}.",
-                              f"Can you write a short story about {a}?", f"Please tell me a story about {a}.",
-                              f"I want a story about {a}.", f"Write a bedtime story about {a}.",
-                              f"Tell me a story for kids about {a}.", f"Make up a story about {a}.",
-                              f"Could you tell me a little story about {a}?", f"My son loves stories. Write one about {a}.",
-                              f"Write a happy story about {a}.", f"Once upon a time... Tell me a story about {a}!"))
+        request = about_request(rng, a)
     elif kind == "named":
-        request = rng.choice((f"Write a story about {a} and someone named {story.name}.",
-                              f"Tell me a story about {story.name} and {a}.",
-                              f"Write a story with {a} in it. The main character is {story.name}."))
+        request = named_request(rng, a, story.name)
     elif kind == "moral":
         request = rng.choice((f"Write a story with a moral about {story.moral}. Use {a} in it.",
                               f"Tell me a story about {a} that teaches a lesson about {story.moral}.",
@@ -309,7 +320,7 @@ def mentions(text: str, subject: str) -> bool:
 
 def diversity(examples: Sequence[Example], tokenize) -> dict:
     """Size and diversity figures of a split: distinct requests, openings, subjects, kinds, lengths."""
-    answers = [e.turns[-1] for e in examples]
+    answers = [e.turns[-1] for e in examples]  # a prompt-only split (test): its requests
     lengths = sorted(len(tokenize(a)) for a in answers)
     pct = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]  # noqa: E731
     return {"conversations": len(examples), "multi_turn": sum(len(e.turns) > 2 for e in examples),
@@ -321,3 +332,128 @@ def diversity(examples: Sequence[Example], tokenize) -> dict:
             "kinds": {k: sum(e.kind == k for e in examples) for k in sorted({e.kind for e in examples})},
             "answer_tokens": {"min": lengths[0], "median": statistics.median(lengths), "p99": pct(0.99),
                               "max": lengths[-1]}}
+
+
+# ------------------------------------------------------------------------------ plans for sampled stories
+# The default data set (`small_lima build-data`, responses="sampled"): a templated opening that names the
+# hero and the subject (and, half the time, sets up an event), continued by the base model itself; the
+# request is phrased from what the finished story does. `small_lima.sample_stories` runs the model and
+# `accept_story` filters its samples.
+
+ANIMAL_EVENTS = (("One day, {hero} went to the park.", "goes to the park"),
+                 ("One day, {hero} saw a big red ball.", "sees a big red ball"),
+                 ("One day, {hero} wanted to fly like a bird.", "wants to fly like a bird"),
+                 ("One day, {hero} met a new friend.", "meets a new friend"),
+                 ("One day, {hero} got lost in the forest.", "gets lost in the forest"),
+                 ("One day, {hero} found a big box.", "finds a big box"),
+                 ("One day, {hero} was very hungry.", "is very hungry"),
+                 ("One day, it started to rain and {hero} got wet.", "gets wet in the rain"))
+THING_EVENTS = (("One day, {hero} lost {pos} {s}.", "loses {pos} {s}"),
+                ("One day, {hero} took {pos} {s} to the park.", "takes {pos} {s} to the park"),
+                ("One day, {hero}'s {s} broke.", "breaks {pos} {s}"),
+                ("One day, {hero} did not want to share {pos} {s}.", "does not want to share {pos} {s}"),
+                ("One day, {hero} showed {pos} {s} to a friend.", "shows {pos} {s} to a friend"),
+                ("One day, {hero} could not find {pos} {s}.", "cannot find {pos} {s}"))
+MORAL_WORDS = re.compile(r"\b(learned|moral|lesson)\b", re.IGNORECASE)
+SAMPLED_KINDS = ("about", "about", "named", "moral", "where", "sentences", "continue")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The start of a story for the base model to continue, and the facts a request can name."""
+
+    subject: str
+    hero: str  # a child's name, or the animal's pet name
+    animal: bool  # the subject is the hero itself
+    opening: tuple[str, ...]  # one or two sentences; the first names the hero and the subject
+    event: str  # "" or what the second sentence sets up, as a clause: "Spot goes to the park"
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.opening)
+
+
+def make_plan(rng: random.Random, subjects: Sequence[tuple[str, str]], names: Sequence[tuple[str, str]],
+              with_event: bool | None = None) -> Plan:
+    subject, kind = rng.choice(subjects)
+    adj = rng.choice(ADJECTIVES[kind])
+    child, pronoun = rng.choice(names)
+    pos = "her" if pronoun == "she" else "his"
+    if kind == "animal":
+        hero = rng.choice(PET_NAMES)
+        pos = rng.choice(("his", "her"))
+        first = rng.choice((f"Once upon a time, there was {article(adj)} {adj} {subject} named {hero}.",
+                            f"Once upon a time, {rng.choice(PLACES)}, there lived {article(adj)} {adj} {subject} "
+                            f"named {hero}.",
+                            f"There was once {article(adj)} {adj} {subject} called {hero}."))
+        events = ANIMAL_EVENTS
+    else:
+        hero = child
+        first = rng.choice((f"Once upon a time, there was a little {'girl' if pronoun == 'she' else 'boy'} named "
+                            f"{child}. {_cap(pronoun)} had {article(adj)} {adj} {subject}.",
+                            f"Once upon a time, {child} had {article(adj)} {adj} {subject}.",
+                            f"There was once a child named {child} who loved {pos} {adj} {subject}."))
+        events = THING_EVENTS
+    with_event = rng.random() < 0.5 if with_event is None else with_event
+    if not with_event:
+        return Plan(subject, hero, kind == "animal", (first,), "")
+    sentence, clause = rng.choice(events)
+    hero_phrase = f"{article(subject)} {subject} named {hero}" if kind == "animal" else hero
+    return Plan(subject, hero, kind == "animal", (first, sentence.format(hero=hero, pos=pos, s=subject)),
+                f"{hero_phrase} {clause.format(pos=pos, s=subject)}")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences: text up to . ! or ? (and a closing quote), then white space or the end."""
+    return [s.strip() for s in re.findall(r'.*?[.!?]+["\']?(?=\s|$)', text, re.DOTALL) if s.strip()]
+
+
+def accept_story(plan: Plan, continuation: str, ended: bool, num_tokens: int, min_tokens: int) -> str:
+    """Why a sampled story is refused ("" when it is kept): it must end by itself (the model started a new
+    story), be at least `min_tokens` long, stay on its subject (name it again after the opening; an animal
+    subject may be named by its pet name instead), end on a sentence end and repeat no sentence."""
+    sentences = split_sentences(continuation)
+    if not ended:
+        return "no_end"
+    if num_tokens < min_tokens:
+        return "short"
+    if not (mentions(continuation, plan.subject) or (plan.animal and re.search(rf"\b{plan.hero}\b", continuation))):
+        return "off_subject"
+    if not continuation.rstrip().endswith((".", "!", "?", '"')):
+        return "no_sentence_end"
+    if len(set(sentences)) < len(sentences):
+        return "repeats"
+    return ""
+
+
+def plan_request(rng: random.Random, plan: Plan, kind: str, continuation: str | None) -> tuple[str, str | None]:
+    """(request, answer) for a story that starts with `plan` and goes on with `continuation` (None: a test
+    prompt, no answer). Answers are the whole story, except for "continue", whose prompt holds the opening."""
+    a = f"{article(plan.subject)} {plan.subject}"
+    story = None if continuation is None else f"{plan.text} {continuation}"
+    if kind == "about":
+        return about_request(rng, a), story
+    if kind == "named":
+        return named_request(rng, a, plan.hero), story
+    if kind == "moral":
+        return rng.choice((f"Write a short story with a moral about {a}.",
+                           f"Tell me a story about {a} that teaches a lesson.",
+                           f"Write a story about {a} in which someone learns something.")), story
+    if kind == "where":
+        return rng.choice((f"Write a story where {plan.event}.", f"Tell me a story where {plan.event}.")), story
+    if kind == "sentences":
+        n = len(split_sentences(story)) if story is not None else rng.randint(8, 14)
+        return rng.choice((f"Write a story in {n} sentences about {a}.", f"Tell me a {n}-sentence story about {a}.",
+                           f"Write a story about {a}. Use exactly {n} sentences.")), story
+    if kind == "continue":
+        return rng.choice(("Continue this story: ", "Finish this story: ", "What happens next? ")) + plan.text, \
+            continuation
+    raise ValueError(kind)
+
+
+def kinds_for(plan: Plan, continuation: str | None) -> tuple[str, ...]:
+    """The request kinds a story supports: "where" needs an event, "moral" a moral in the text."""
+    kinds = [k for k in SAMPLED_KINDS if k != "where" or plan.event]
+    if continuation is not None and not MORAL_WORDS.search(continuation):
+        kinds = [k for k in kinds if k != "moral"]
+    return tuple(kinds)
