@@ -32,6 +32,21 @@ def test_story_data_is_deterministic_varied_and_keeps_test_subjects_unseen():
         assert e.turns[1].count(".") == n, e.turns
 
 
+def test_sampled_data_draws_from_many_train_subjects_none_of_them_a_test_subject():
+    words = [w for w, _ in story_data.SAMPLED_TRAIN_SUBJECTS]
+    assert len(words) == len(set(words)) >= 3 * len(story_data.TRAIN_SUBJECTS)
+    assert set(story_data.TRAIN_SUBJECTS) <= set(story_data.SAMPLED_TRAIN_SUBJECTS)
+    assert not set(words) & {w for w, _ in story_data.TEST_SUBJECTS}
+    assert {k for _, k in story_data.SAMPLED_TRAIN_SUBJECTS} == {"animal", "thing"}
+
+
+def test_one_story_cuts_where_the_model_starts_a_new_story():
+    from types import SimpleNamespace as C
+    assert small_lima.one_story(C(ids=[5, 6, 1, 7], stop_reason="length"), 1) == ([5, 6], True)
+    assert small_lima.one_story(C(ids=[5, 6], stop_reason="length"), 1) == ([5, 6], False)
+    assert small_lima.one_story(C(ids=[5, 6], stop_reason="eot"), 1) == ([5, 6], True)
+
+
 def test_mentions_is_a_whole_word_check():
     assert story_data.mentions("The Dogs ran.", "dog") and story_data.mentions("a fox.", "fox")
     assert not story_data.mentions("a hotdog stand", "dog") and not story_data.mentions("boxes", "ox")

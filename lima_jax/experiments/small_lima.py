@@ -13,7 +13,10 @@ prompts (unseen subjects and names):
 
   eot_sampled / eot_greedy  share of answers that stop on EOT, LIMA's sampling / greedy (repetition penalty 1.2)
   mean_tokens               mean answer length (sampled)
-  on_subject                share of sampled answers naming the prompt's subject (`story_data.mentions`)
+  on_subject                share of sampled answers naming the prompt's subject (`story_data.mentions`);
+                            on_subject_greedy the same for the greedy answers
+  dev_on_subject            the same check on the dev report's answers: unseen requests about the subjects
+                            of training (the test prompts' subjects are unseen)
   heldout_loss, retained    loss on held-out story text sampled from the base model, and its ratio to the
                             base model's (1.00 = all pretraining knowledge of that text kept)
   dev_perplexity            perplexity of the 50 dev reference answers
@@ -41,7 +44,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from lima_jax import cli, convert, data, runtime
+from lima_jax import cli, convert, data, rundir, runtime
 from lima_jax.config import apply_overrides, load_config_file
 from lima_jax.dev_report import answer_cap_from_data, answer_lengths, dev_report_hook, mean_token_loss
 from lima_jax.experiments import story_data
@@ -138,8 +141,7 @@ def sample_stories(base: "Base", plans: Any, needed: int, first_row: int, reject
         completions = generator.generate_ids(prompts, STORY_SAMPLING, list(range(row, row + len(batch))))
         row += len(batch)
         for plan, prompt, c in zip(batch, prompts, completions):
-            ended = tok.bos_id in c.ids or c.stop_reason in ("eot", "eos")  # EOT's row starts as BOS's
-            ids = c.ids[:c.ids.index(tok.bos_id)] if tok.bos_id in c.ids else c.ids
+            ids, ended = one_story(c, tok.bos_id)
             story = tok.decode(prompt[1:] + ids)
             continuation = story[len(plan.text):].strip() if story.startswith(plan.text) else ""
             reason = story_data.accept_story(plan, continuation, ended, len(prompt) - 1 + len(ids),
@@ -203,7 +205,7 @@ def sample_splits(base: "Base", seed: int, train_size: int, two_turn: int,
     sampling figures (candidates, refusals by reason, seconds)."""
     tic = time.perf_counter()
     rejected: dict[str, int] = {}
-    pool = sample_stories(base, _plan_stream(seed, story_data.TRAIN_SUBJECTS, story_data.TRAIN_NAMES),
+    pool = sample_stories(base, _plan_stream(seed, story_data.SAMPLED_TRAIN_SUBJECTS, story_data.TRAIN_NAMES),
                           train_size + 2 * two_turn, 0, rejected)
     rng = random.Random(seed)
     pairs, single = shortest_pairs(pool, two_turn)
@@ -216,7 +218,7 @@ def sample_splits(base: "Base", seed: int, train_size: int, two_turn: int,
     seen = {e.turns[0] for e in train}
     dev: list[story_data.Example] = []
     dev_rng = random.Random(seed + 1)
-    for plan, continuation, _ in sample_stories(base, _plan_stream(seed + 1, story_data.TRAIN_SUBJECTS,
+    for plan, continuation, _ in sample_stories(base, _plan_stream(seed + 1, story_data.SAMPLED_TRAIN_SUBJECTS,
                                                                    story_data.TRAIN_NAMES),
                                                 2 * dev_size, 10_000_000, rejected):
         kind = dev_rng.choice(story_data.kinds_for(plan, continuation))
@@ -267,10 +269,18 @@ class Base:
         out = self.generator(len(prompts)).generate_ids(prompts, settings, [seed_rows + i for i in range(len(texts))])
         results = []
         for c in out:
-            ended = tok.bos_id in c.ids or c.stop_reason in ("eos", "eot")
-            ids = c.ids[:c.ids.index(tok.bos_id)] if tok.bos_id in c.ids else c.ids
+            ids, ended = one_story(c, tok.bos_id)
             results.append((tok.decode(ids).strip(), ended))
         return results
+
+
+def one_story(completion: Any, bos_id: int) -> tuple[list[int], bool]:
+    """A plain completion's ids up to where the model starts a new story (BOS), and whether the story ended
+    before the token cap: on BOS, EOS or EOT (EOT's row starts as a copy of BOS's)."""
+    ids = list(completion.ids)
+    if bos_id in ids:
+        return ids[:ids.index(bos_id)], True
+    return ids, completion.stop_reason in ("eos", "eot")
 
 
 def import_base(path: pathlib.Path) -> pathlib.Path:
@@ -328,10 +338,24 @@ class Measure:
     length_range: tuple[int, int]
     cap: int
     max_len: int
+    dev_subjects: dict[str, str]  # dev prompt id -> its subject
 
     def base_scores(self, tokenizer) -> list[int]:
         return [score(t, ended, s, self.length_range, len(tokenizer.encode(t)))
                 for (t, ended), s in zip(self.base_answers, self.subjects)]
+
+
+def on_subject(answers: Sequence[dict], subjects: Sequence[str]) -> float:
+    return statistics.fmean(story_data.mentions(r["response"], s) for r, s in zip(answers, subjects))
+
+
+def dev_on_subject(workdir: str, epoch: int, dev_subjects: dict[str, str]) -> dict:
+    """The overlap check on the dev report's answers of `epoch` ({} when it wrote none that epoch)."""
+    path = rundir.RunDir.at(workdir).epoch_answers(epoch)
+    if not path.exists():
+        return {}
+    answers = [json.loads(line) for line in path.read_text().splitlines()]
+    return {"dev_on_subject": on_subject(answers, [dev_subjects[r["id"]] for r in answers])}
 
 
 def measure_epoch(m: Measure, model: Any, params: Any, generator: Generator, tokenizer, greedy: bool = True) -> dict:
@@ -341,9 +365,10 @@ def measure_epoch(m: Measure, model: Any, params: Any, generator: Generator, tok
     if greedy:
         greedy_answers = answer_prompts(generator, m.prompts, SamplingConfig(max_new_tokens=m.cap, greedy=True))
         row["eot_greedy"] = statistics.fmean(r["stop_reason"] == "eot" for r in greedy_answers)
+        row["on_subject_greedy"] = on_subject(greedy_answers, m.subjects)
     row["eot_sampled"] = statistics.fmean(r["stop_reason"] == "eot" for r in sampled)
     row["mean_tokens"] = statistics.fmean(r["response_tokens"] for r in sampled)
-    row["on_subject"] = statistics.fmean(story_data.mentions(r["response"], s) for r, s in zip(sampled, m.subjects))
+    row["on_subject"] = on_subject(sampled, m.subjects)
     loss = mean_token_loss(model, params, m.heldout, m.max_len)
     row.update(heldout_loss=loss, retained=loss / m.base_heldout_loss,
                dev_perplexity=math.exp(mean_token_loss(model, params, m.dev_refs, m.max_len)))
@@ -362,9 +387,8 @@ def measure_epoch(m: Measure, model: Any, params: Any, generator: Generator, tok
 def experiment_config(out: pathlib.Path, name: str, overrides: Overrides) -> ml_collections.ConfigDict:
     """configs/stories260k.py on the experiment's data and base model; data.train_path overrides are file
     names inside OUT/data."""
-    config = load_config_file(CONFIG)
+    config = base_config(out / "base")
     data_dir = out / "data"
-    config.init_from = str(out / "base")
     config.workdir = str(out / "runs" / name)
     config.data.train_path = str(data_dir / "train.jsonl")
     config.data.dev_path = str(data_dir / "dev.jsonl")
@@ -393,6 +417,7 @@ def train_and_measure(config: ml_collections.ConfigDict, m: Measure, name: str, 
         t0 = time.perf_counter()
         row = {"run": name, "epoch": end.epoch, "step": end.step,
                **measure_epoch(m, rt.model, end.state.params, gen, rt.tokenizer),
+               **dev_on_subject(config.workdir, end.epoch, m.dev_subjects),
                "elapsed_s": time.perf_counter() - tic, "measure_s": time.perf_counter() - t0}
         rows.append(row)
         with metrics_path.open("a") as f:
@@ -405,7 +430,8 @@ def train_and_measure(config: ml_collections.ConfigDict, m: Measure, name: str, 
 
 COLUMNS = (("epoch", "epoch", "{}"), ("EOT stop (sampled)", "eot_sampled", "{:.0%}"),
            ("EOT stop (greedy)", "eot_greedy", "{:.0%}"), ("mean tokens", "mean_tokens", "{:.1f}"),
-           ("on subject", "on_subject", "{:.0%}"), ("held-out loss", "heldout_loss", "{:.3f}"),
+           ("on subject", "on_subject", "{:.0%}"), ("on subject (greedy)", "on_subject_greedy", "{:.0%}"),
+           ("dev on subject", "dev_on_subject", "{:.0%}"), ("held-out loss", "heldout_loss", "{:.3f}"),
            ("vs base", "retained", "{:.3f}"), ("dev ppl", "dev_perplexity", "{:.3f}"),
            ("pref vs base (heuristic)", "pref_vs_base", "{:.0%}"))
 
@@ -467,6 +493,8 @@ def prepare(out: pathlib.Path, config: ml_collections.ConfigDict, test_prompts: 
     cap = int(config.dev_report.max_new_tokens) or answer_cap_from_data(train_examples)
     prompts = read_prompts(out / "data" / "test.jsonl")
     subjects = [json.loads(line)["subject"] for line in (out / "data" / "test.jsonl").read_text().splitlines()]
+    dev_lines = (out / "data" / "dev.jsonl").read_text().splitlines()
+    dev_subjects = {r["id"]: r["subject"] for r in map(json.loads, dev_lines)}
     if test_prompts:  # a reduced run (the slow test): the first N, every request kind among them
         prompts, subjects = prompts[:test_prompts], subjects[:test_prompts]
     base_path = out / "data" / "base_answers.jsonl"
@@ -478,7 +506,7 @@ def prepare(out: pathlib.Path, config: ml_collections.ConfigDict, test_prompts: 
     m = Measure(prompts, subjects, heldout, dev_refs, mean_token_loss(base.rt.model, base.params, heldout,
                                                                       config.data.max_len),
                 base_answers, (int(np.percentile(lengths, 5)), int(np.percentile(lengths, 95))), cap,
-                config.data.max_len)
+                config.data.max_len, dev_subjects)
     return m, time.perf_counter() - tic
 
 

@@ -44,6 +44,20 @@ TEST_SUBJECTS = (
     ("truck", "thing"), ("balloon", "thing"), ("shell", "thing"), ("robot", "thing"), ("apple", "thing"),
     ("rocket", "thing"), ("blanket", "thing"), ("crayon", "thing"), ("pumpkin", "thing"),
 )
+# The sampled data set (`small_lima.sample_splits`) draws from many more subjects, so that training teaches
+# the model to copy the request's subject (pieces of an unseen word) rather than to recall one of 40 words.
+# Words that are also common verbs or scenery ("watch", "door") are left out: the filter's "names the subject
+# again" check would mean little for them.
+SAMPLED_TRAIN_SUBJECTS = TRAIN_SUBJECTS + tuple((w, "animal") for w in (
+    "rabbit", "squirrel", "elephant", "giraffe", "tiger", "zebra", "chicken", "goat", "deer", "wolf", "ant", "bug",
+    "spider", "worm", "dragon", "dinosaur", "penguin", "whale", "dolphin", "shark", "ladybug", "hen", "parrot",
+    "lamb", "pony", "snake", "goose", "swan", "eagle", "camel")) + tuple((w, "thing") for w in (
+    "plane", "bus", "bucket", "spoon", "chair", "lamp", "clock", "bell", "pencil", "puzzle", "castle", "tent",
+    "leaf", "cookie", "pie", "candy", "sandwich", "banana", "carrot", "egg", "basket", "bag", "bottle", "jar",
+    "coin", "necklace", "dress", "shirt", "coat", "scarf", "umbrella", "wagon", "sled", "shovel", "rope", "ladder",
+    "mirror", "pillow", "bowl", "plate", "boot", "glove", "button", "feather", "crown", "wand", "map", "rainbow",
+    "snowman", "flag", "whistle", "guitar", "piano", "trumpet", "phone", "camera", "bracelet", "ribbon", "marble",
+    "jacket"))
 TRAIN_NAMES = (("Lily", "she"), ("Tim", "he"), ("Ben", "he"), ("Sue", "she"), ("Tom", "he"), ("Anna", "she"),
                ("Sam", "he"), ("Lucy", "she"), ("Jack", "he"), ("Mia", "she"), ("Max", "he"), ("Amy", "she"),
                ("Bob", "he"), ("Sara", "she"), ("Jake", "he"), ("Kim", "she"))
