@@ -16,8 +16,8 @@ copy of BOS's (`tokenizer.eot_init`: llama2.c's pretraining begins every story w
 predicted where a story ends; from the mean row the model never learned to stop). The learning rate (100x the
 paper's 1e-5: a 260K-parameter model moves far less per step than a 65B one) and the 5 epochs were measured
 on the stories the base model wrote (docs/reproducing.md): at lr 1e-3 sampled answers stop on EOT for 100%
-of unseen prompts from the second epoch while the held-out story loss stays within 8% of the base model's;
-lr 1e-4 keeps 1.5% but stops on EOT for only 45-75% of sampled answers.
+of unseen prompts from the second epoch while the held-out story loss stays within 10% of the base model's
+(8-10%); lr 1e-4 keeps 1.5% but stops on EOT for only 45-75% of sampled answers.
 """
 import pathlib
 

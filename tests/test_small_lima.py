@@ -58,6 +58,15 @@ def test_plans_name_the_subject_and_requests_match_what_the_sampled_story_does()
     plans = [story_data.make_plan(rng, story_data.TRAIN_SUBJECTS, story_data.TRAIN_NAMES) for _ in range(200)]
     assert all(story_data.mentions(p.opening[0], p.subject) and p.hero in p.text for p in plans)
     assert {bool(p.event) for p in plans} == {True, False} and all(len(p.opening) == 1 + bool(p.event) for p in plans)
+    first = [story_data.make_plan(rng, story_data.SAMPLED_TRAIN_SUBJECTS, story_data.TRAIN_NAMES, subject_first=True)
+             for _ in range(200)]  # the train openings name the subject as a request does, animal or thing
+    assert {p.animal for p in first} == {True, False} and all(p.hero in p.text for p in first)
+
+    def subject_before_hero(p):
+        first_sentence = p.opening[0]
+        return -1 < first_sentence.find(f"{story_data.article(p.subject)} {p.subject}") < first_sentence.find(p.hero)
+    assert all(subject_before_hero(p) for p in first)
+    assert not any(subject_before_hero(p) for p in plans if not p.animal)  # test openings: "Lily had a red ball."
     plan = next(p for p in plans if p.event and not p.animal)
     continuation = f'The {plan.subject} was gone. "Oh no!" said {plan.hero}. Then {plan.hero} learned to look.'
     assert story_data.split_sentences(continuation) == [f"The {plan.subject} was gone.", '"Oh no!"',

@@ -159,7 +159,7 @@ def sample_stories(base: "Base", plans: Any, needed: int, first_row: int, reject
 def _plan_stream(seed: int, subjects, names):
     rng = random.Random(seed)
     while True:
-        yield story_data.make_plan(rng, subjects, names)
+        yield story_data.make_plan(rng, subjects, names, subject_first=True)
 
 
 def shortest_pairs(pool: Sequence[Accepted], count: int) -> tuple[list[tuple[Accepted, Accepted]], list[Accepted]]:

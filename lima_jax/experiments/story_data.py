@@ -2,8 +2,8 @@
 
 Everything here is deterministic (one `random.Random(seed)` per split) and pure Python: no model is run.
 Two kinds of response:
-  sampled (the default, `small_lima.sample_splits`): `make_plan` writes an opening that names the hero and
-      the subject, the base model continues it, `accept_story` filters the samples and `plan_request` phrases
+  sampled (the default, `small_lima.sample_splits`): `make_plan` writes an opening that names the subject and
+      the hero, the base model continues it, `accept_story` filters the samples and `plan_request` phrases
       the request from what the finished story does;
   template (`build_splits`): a story plan (opening, a problem, its resolution, an optional moral, an ending)
       filled with a character, a subject and words that go with it, the request phrased to match it. Such
@@ -388,12 +388,32 @@ class Plan:
 
 
 def make_plan(rng: random.Random, subjects: Sequence[tuple[str, str]], names: Sequence[tuple[str, str]],
-              with_event: bool | None = None) -> Plan:
+              with_event: bool | None = None, subject_first: bool = False) -> Plan:
+    """A story opening for `subject` (and, half the time or as `with_event` says, an event sentence).
+    subject_first: the first sentence names the subject as the request does ("there was a turtle ..."), the
+    same way for animals and things; otherwise (the test prompts' openings) a thing comes after its owner and
+    an adjective ("Lily had a red ball.")."""
     subject, kind = rng.choice(subjects)
     adj = rng.choice(ADJECTIVES[kind])
     child, pronoun = rng.choice(names)
     pos = "her" if pronoun == "she" else "his"
-    if kind == "animal":
+    a = f"{article(subject)} {subject}"
+    if subject_first:
+        hero = rng.choice(PET_NAMES) if kind == "animal" else child
+        place = rng.choice(PLACES)
+        if kind == "animal":
+            pos = rng.choice(("his", "her"))
+            first = rng.choice((f"Once upon a time, there was {a} named {hero}.",
+                                f"Once upon a time, {place}, there lived {a} named {hero}.",
+                                f"There was once {a} called {hero}."))
+        else:
+            child_noun = "girl" if pronoun == "she" else "boy"
+            first = rng.choice((f"Once upon a time, there was {a} that belonged to a little {child_noun} named "
+                                f"{child}.",
+                                f"Once upon a time, {place}, there was {a} that {child} loved.",
+                                f"There was once {a}, and it belonged to a child named {child}."))
+        events = ANIMAL_EVENTS if kind == "animal" else THING_EVENTS
+    elif kind == "animal":
         hero = rng.choice(PET_NAMES)
         pos = rng.choice(("his", "her"))
         first = rng.choice((f"Once upon a time, there was {article(adj)} {adj} {subject} named {hero}.",
