@@ -1,6 +1,7 @@
 """One training step (forward, backward, AdamW) of lima_jax vs PyTorch + transformers on the CPU, side by side.
 
     nice python benchmarks/vs_torch.py [--shapes peer,toy] [--rounds 5] [--threads N] [--xla_flags "..."]
+        [--config.a.b=v ...]
 
 Shapes: `peer` is the issue's LLaMA shape (dim 256, 4 layers, 8 heads / 4 KV heads, ffn 688, vocab 8,000, batch
 8 x 512, float32); `toy` is configs/toy.py (batch 8 x 128). lima_jax runs its real train step (the jitted step
@@ -14,6 +15,8 @@ step time of each and the ratio lima_jax / torch (< 1: lima_jax faster).
 --xla_flags=FLAGS (with "=", as the value starts with --): extra XLA_FLAGS for this run, set before jax is
 imported, e.g. --xla_flags=--xla_cpu_use_xnnpack=true; compare the ratio to torch between runs (on a machine
 with spare cores: on an oversubscribed one torch's OpenMP pool slows down far more than XLA's, use --threads 1).
+--config.a.b=v: an override of configs/toy.py applied to lima_jax's step after the shape's (e.g.
+--config.model.attention=reference, --config.model.residual_dropout_max=0.0 to match torch's no-dropout step).
 Needs torch and transformers (`pip install "lima_jax[parity]"`).
 """
 from __future__ import annotations
@@ -86,7 +89,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="threads for both (default: the cores this process may use)")
     p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for this run")
-    args = p.parse_args()
+    from lima_jax import cli
+
+    rest, extra = cli.split_overrides(sys.argv[1:])
+    args = p.parse_args(rest)
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
 
@@ -96,10 +102,10 @@ def main() -> None:
     from lima_jax.config import load_config_file
 
     config = load_config_file(REPO / "configs" / "toy.py")
-    print(f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}; {args.threads} threads; load {os.getloadavg()[0]:.1f} "
+    print(f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}; overrides {extra}; {args.threads} threads; load {os.getloadavg()[0]:.1f} "
           f"(1-min average) on {os.cpu_count()} cores; jax {jax.__version__}", flush=True)
     for name in args.shapes.split(","):
-        variant = bench.Variant(name, tuple(shape_overrides(name)))
+        variant = bench.Variant(name, tuple(shape_overrides(name) + extra))
         case = bench.compile_case(config, variant, jax.devices()[:1])
         timers = {"lima_jax": case.step, "torch": torch_step(case, args.threads)}
         for timer in timers.values():  # warm-up
