@@ -102,8 +102,9 @@ def main() -> None:
     from lima_jax.config import load_config_file
 
     config = load_config_file(REPO / "configs" / "toy.py")
-    print(f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}; overrides {extra}; {args.threads} threads; load {os.getloadavg()[0]:.1f} "
-          f"(1-min average) on {os.cpu_count()} cores; jax {jax.__version__}", flush=True)
+    print(f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}; overrides {extra}; {args.threads} threads; "
+          f"load {os.getloadavg()[0]:.1f} (1-min average) on {os.cpu_count()} cores; jax {jax.__version__}",
+          flush=True)
     for name in args.shapes.split(","):
         variant = bench.Variant(name, tuple(shape_overrides(name) + extra))
         case = bench.compile_case(config, variant, jax.devices()[:1])

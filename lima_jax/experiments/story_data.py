@@ -412,7 +412,6 @@ def make_plan(rng: random.Random, subjects: Sequence[tuple[str, str]], names: Se
                                 f"{child}.",
                                 f"Once upon a time, {place}, there was {a} that {child} loved.",
                                 f"There was once {a}, and it belonged to a child named {child}."))
-        events = ANIMAL_EVENTS if kind == "animal" else THING_EVENTS
     elif kind == "animal":
         hero = rng.choice(PET_NAMES)
         pos = rng.choice(("his", "her"))
@@ -420,19 +419,17 @@ def make_plan(rng: random.Random, subjects: Sequence[tuple[str, str]], names: Se
                             f"Once upon a time, {rng.choice(PLACES)}, there lived {article(adj)} {adj} {subject} "
                             f"named {hero}.",
                             f"There was once {article(adj)} {adj} {subject} called {hero}."))
-        events = ANIMAL_EVENTS
     else:
         hero = child
         first = rng.choice((f"Once upon a time, there was a little {'girl' if pronoun == 'she' else 'boy'} named "
                             f"{child}. {_cap(pronoun)} had {article(adj)} {adj} {subject}.",
                             f"Once upon a time, {child} had {article(adj)} {adj} {subject}.",
                             f"There was once a child named {child} who loved {pos} {adj} {subject}."))
-        events = THING_EVENTS
     with_event = rng.random() < 0.5 if with_event is None else with_event
     if not with_event:
         return Plan(subject, hero, kind == "animal", (first,), "")
-    sentence, clause = rng.choice(events)
-    hero_phrase = f"{article(subject)} {subject} named {hero}" if kind == "animal" else hero
+    sentence, clause = rng.choice(ANIMAL_EVENTS if kind == "animal" else THING_EVENTS)
+    hero_phrase = f"{a} named {hero}" if kind == "animal" else hero
     return Plan(subject, hero, kind == "animal", (first, sentence.format(hero=hero, pos=pos, s=subject)),
                 f"{hero_phrase} {clause.format(pos=pos, s=subject)}")
 
