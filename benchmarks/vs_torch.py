@@ -31,6 +31,8 @@ import time
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from lima_jax import cli  # noqa: E402 (after the path; it does not start a backend, so XLA_FLAGS set later apply)
+
 PEER = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=688, vocab_size=8000, batch=8, length=512)
 
 
@@ -82,16 +84,14 @@ def torch_step(case, threads: int):
     return step
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="peer,toy", help="comma-separated: peer, toy (default both)")
     p.add_argument("--rounds", type=int, default=5, help="timed steps of each, alternating (default 5)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="threads for both (default: the cores this process may use)")
     p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for this run")
-    from lima_jax import cli
-
-    rest, extra = cli.split_overrides(sys.argv[1:])
+    rest, extra = cli.split_overrides(argv)
     args = p.parse_args(rest)
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
@@ -125,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)  # bad input (an unknown --config field): one error line, exit 2

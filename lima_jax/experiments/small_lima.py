@@ -529,8 +529,8 @@ def run(out: pathlib.Path, overrides: Overrides, sweep: bool, name: str = "chose
     """The whole experiment (see the module docstring); returns {"rows", "sweep", "wall_s", "plots"}.
     `test_prompts` > 0 measures only the first N test prompts (a reduced run)."""
     tic = time.perf_counter()
+    config = experiment_config(out, name, overrides)  # bad overrides fail before OUT is made
     out.mkdir(parents=True, exist_ok=True)
-    config = experiment_config(out, name, overrides)
     m, prep_s = prepare(out, config, test_prompts, heldout_stories, responses, train_size)
     print(f"prepared in {prep_s:.0f} s: {len(m.prompts)} test prompts, {len(m.heldout)} held-out stories, base "
           f"held-out loss {m.base_heldout_loss:.3f}, answer cap {m.cap} tokens", flush=True)
