@@ -37,7 +37,11 @@ import numpy as np
 from lima_jax.errors import ConfigError
 
 Array = jax.Array
-BLOCK_SIZE = 512  # "blocked": query and key block length (rows shorter than this use one block)
+BLOCK_SIZE = 512  # "blocked" off the CPU: query and key block length (rows shorter than this use one block)
+# "blocked" on the CPU: blocks of about a row's eighth, within these bounds (one block up to the smallest). Tiles
+# that stay in cache against the scan's per-tile cost: at 512-token rows 64 is fastest (152 ms forward and
+# backward for 8 x 512 x 8 heads, against 203 at 128 and 278 at 512), at 2,048 and 4,096 256 is (docs/performance.md).
+CPU_BLOCK_RANGE = (64, 256)
 _NEG = -1e30  # finite "minus infinity": a fully masked row gives exp(_NEG - _NEG) = 1, zeroed by the mask
 
 
@@ -107,24 +111,25 @@ def _tile_needed(ranges: tuple[Array, Array], i: Array, j: Array) -> Array:
 
 def _tile_scores(q: Array, k: Array, seg: Array, i: Array, j: Array, block: int,
                  scale: float) -> tuple[Array, Array]:
-    """One tile (query block i, key block j): its mask [b, q, 1, 1, s] (causal by token index, same segment,
-    key not padding) and its scaled scores [b, q, kv_heads, group, s] in float32, masked entries at _NEG."""
+    """One tile (query block i, key block j): its mask [b, 1, 1, q, s] (causal by token index, same segment,
+    key not padding) and its scaled scores [b, kv_heads, group, q, s] in float32, masked entries at _NEG."""
     q_index = i * block + jnp.arange(block)
     k_index = j * block + jnp.arange(block)
     causal = k_index[None, :] <= q_index[:, None]
     allowed = causal[None] & (seg[i][:, :, None] == seg[j][:, None, :]) & (seg[j] != 0)[:, None, :]
-    mask = allowed[:, :, None, None, :]
-    scores = jnp.einsum("bqkgd,bskd->bqkgs", q[i], k[j], preferred_element_type=jnp.float32) * scale
+    mask = allowed[:, None, None]
+    scores = jnp.einsum("bkgqd,bksd->bkgqs", q[i], k[j], preferred_element_type=jnp.float32) * scale
     return mask, jnp.where(mask, scores, _NEG)
 
 
 def _blocked_forward(q: Array, k: Array, v: Array, seg: Array, block: int) -> tuple[Array, Array]:
-    """Blocked attention on block-major inputs.
+    """Blocked attention on block-major, head-major inputs (each tile's products are then plain batched
+    matrix products over [batch, kv_heads], with no transpose: 2x faster on XLA's CPU backend).
 
-    q: [n, b, block, kv_heads, group, d]; k, v: [n, b, block, kv_heads, d]; seg: [n, b, block].
-    Returns the output (q's shape and dtype) and the log-sum-exp [n, b, block, kv_heads, group] (float32).
+    q: [n, b, kv_heads, group, block, d]; k, v: [n, b, kv_heads, block, d]; seg: [n, b, block].
+    Returns the output (q's shape and dtype) and the log-sum-exp [n, b, kv_heads, group, block] (float32).
     """
-    n, _, _, _, _, d = q.shape
+    n, d = q.shape[0], q.shape[-1]
     scale = 1.0 / math.sqrt(d)
     ranges = _segment_ranges(seg)
     acc = jnp.zeros(q.shape, jnp.float32)
@@ -141,7 +146,7 @@ def _blocked_forward(q: Array, k: Array, v: Array, seg: Array, block: int) -> tu
             m_new = jnp.maximum(m_i, s.max(axis=-1))
             p = jnp.exp(s - m_new[..., None]) * mask
             alpha = jnp.exp(m_i - m_new)
-            pv = jnp.einsum("bqkgs,bskd->bqkgd", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
+            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
             return o_i * alpha[..., None] + pv, m_new, l_i * alpha + p.sum(axis=-1)
 
         state = (acc[i], row_max[i], row_sum[i])
@@ -159,10 +164,10 @@ def _blocked_backward(q: Array, k: Array, v: Array, seg: Array, out: Array, lse:
                       block: int) -> tuple[Array, Array, Array]:
     """FlashAttention-2 backward on block-major inputs: each tile's probabilities are recomputed from the
     log-sum-exp, and dq, dk, dv accumulate tile by tile (float32)."""
-    n, _, _, _, _, d = q.shape
+    n, d = q.shape[0], q.shape[-1]
     scale = 1.0 / math.sqrt(d)
     ranges = _segment_ranges(seg)
-    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)  # [n, b, q, kv, g]
+    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)  # [n, b, kv, g, q]
     dq = jnp.zeros(q.shape, jnp.float32)
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
@@ -176,12 +181,12 @@ def _blocked_backward(q: Array, k: Array, v: Array, seg: Array, out: Array, lse:
             mask, s = _tile_scores(q, k, seg, i, j, block, scale)
             p = jnp.exp(s - lse[i][..., None]) * mask
             do_i = d_out[i]
-            dv_j = dv_j + jnp.einsum("bqkgs,bqkgd->bskd", p.astype(do_i.dtype), do_i,
+            dv_j = dv_j + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(do_i.dtype), do_i,
                                      preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bqkgd,bskd->bqkgs", do_i, v[j], preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bkgqd,bksd->bkgqs", do_i, v[j], preferred_element_type=jnp.float32)
             ds = (p * (dp - delta[i][..., None]) * scale).astype(q.dtype)
-            dq_i = dq_i + jnp.einsum("bqkgs,bskd->bqkgd", ds, k[j], preferred_element_type=jnp.float32)
-            dk_j = dk_j + jnp.einsum("bqkgs,bqkgd->bskd", ds, q[i], preferred_element_type=jnp.float32)
+            dq_i = dq_i + jnp.einsum("bkgqs,bksd->bkgqd", ds, k[j], preferred_element_type=jnp.float32)
+            dk_j = dk_j + jnp.einsum("bkgqs,bkgqd->bksd", ds, q[i], preferred_element_type=jnp.float32)
             return dq_i, dk_j, dv_j
 
         state = (dq[i], dk[j], dv[j])
@@ -211,12 +216,25 @@ def _blocked_core_bwd(block, residuals, d_out):
 _blocked_core.defvjp(_blocked_core_fwd, _blocked_core_bwd)
 
 
-def blocked_attention(q: Array, k: Array, v: Array, segment_ids: Array, block_size: int = BLOCK_SIZE) -> Array:
+def default_block_size(length: int, backend: str | None = None) -> int:
+    """The "blocked" kernel's block length for rows of `length` tokens when `model.attention_block` is 0: on the
+    CPU the power of two nearest length / 8 within CPU_BLOCK_RANGE (a row up to the smallest is one block),
+    elsewhere BLOCK_SIZE."""
+    if (backend or jax.default_backend()) != "cpu":
+        return BLOCK_SIZE
+    smallest, largest = CPU_BLOCK_RANGE
+    if length <= 2 * smallest:
+        return _round_up(length, 8)
+    return int(np.clip(2 ** round(math.log2(length / 8)), smallest, largest))
+
+
+def blocked_attention(q: Array, k: Array, v: Array, segment_ids: Array, block_size: int = 0) -> Array:
     """Flash-style attention in plain XLA (see the module docstring); same contract as `reference_attention`
-    except that padding queries (segment 0) get 0 instead of an average. Memory is linear in the row length."""
+    except that padding queries (segment 0) get 0 instead of an average. Memory is linear in the row length.
+    `block_size` 0: `default_block_size`."""
     b, t, nh, d = q.shape
     nkv = k.shape[2]
-    block = min(block_size, _round_up(t, 8))
+    block = min(block_size or default_block_size(t), _round_up(t, 8))
     padded = _round_up(t, block)
     n = padded // block
 
@@ -225,10 +243,11 @@ def blocked_attention(q: Array, k: Array, v: Array, segment_ids: Array, block_si
         x = x.reshape(b, n, block, *x.shape[2:])
         return jnp.moveaxis(x, 1, 0)
 
-    qb = blocks(q.reshape(b, t, nkv, nh // nkv, d))
-    out = _blocked_core(qb, blocks(k), blocks(v), blocks(segment_ids.astype(jnp.int32)), block)
-    out = jnp.moveaxis(out, 0, 1).reshape(b, padded, nh, d)
-    return out[:, :t]
+    qb = jnp.moveaxis(blocks(q.reshape(b, t, nkv, nh // nkv, d)), 2, 4)  # [n, b, kv, g, block, d]
+    kb, vb = (jnp.moveaxis(blocks(x), 2, 3) for x in (k, v))  # [n, b, kv, block, d]
+    out = _blocked_core(qb, kb, vb, blocks(segment_ids.astype(jnp.int32)), block)
+    out = jnp.moveaxis(out, 4, 2).reshape(n, b, block, nh, d)
+    return jnp.moveaxis(out, 0, 1).reshape(b, padded, nh, d)[:, :t]
 
 
 # ------------------------------------------------------------------------------------ accelerator kernels
@@ -347,7 +366,7 @@ def tokamax_attention(q: Array, k: Array, v: Array, segment_ids: Array) -> Array
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
-AttentionFn = Callable[[Array, Array, Array, Array], Array]
+AttentionFn = Callable[..., Array]  # (q, k, v, segment_ids) -> output
 # name -> (function, the backends it runs on; None: every backend)
 IMPLEMENTATIONS: dict[str, tuple[AttentionFn, tuple[str, ...] | None]] = {
     "reference": (reference_attention, None),
@@ -372,9 +391,11 @@ def check_backend(implementation: str, backend: str | None = None) -> None:
                           "or run on that accelerator")
 
 
-def attend(implementation: str, q: Array, k: Array, v: Array, segment_ids: Array) -> Array:
+def attend(implementation: str, q: Array, k: Array, v: Array, segment_ids: Array, block_size: int = 0) -> Array:
     """Causal packed self-attention by the named implementation. q: [b, t, n_heads, d]; k, v:
     [b, t, n_kv_heads, d]; segment_ids: [b, t] (0 = padding). Returns [b, t, n_heads, d]; outputs at padding
-    queries are unspecified (they never reach the loss)."""
+    queries are unspecified (they never reach the loss). `block_size`: the "blocked" kernel's (0: its default)."""
     check_backend(implementation)
+    if implementation == "blocked":
+        return blocked_attention(q, k, v, segment_ids, block_size)
     return IMPLEMENTATIONS[implementation][0](q, k, v, segment_ids)

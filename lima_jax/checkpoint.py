@@ -365,7 +365,7 @@ def check_model_matches(stored: dict, model: ModelConfig, where: str, allow_smal
 
 
 # Fields that may differ on resume: they change memory use and speed, not what the network computes.
-RESUMABLE_MODEL_CHANGES = ("remat_policy", "attention")
+RESUMABLE_MODEL_CHANGES = ("remat_policy", "attention", "attention_block", "scan_unroll")
 
 
 def check_resume_matches(stored: dict, model: ModelConfig, where: str) -> None:

@@ -82,6 +82,8 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat_policy: str = "none"
     attention: str = DEFAULT_ATTENTION
+    attention_block: int = 0  # the "blocked" kernel's block length; 0: chosen by backend and row length
+    scan_unroll: int = 0  # layers per iteration of the layer scan; 0: all of them on the CPU, 1 elsewhere
 
     def __post_init__(self):
         problem = rope_problem(self.rope_type, *(getattr(self, f) for f in LLAMA3_ROPE_FIELDS))
@@ -156,7 +158,9 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         max_seq_len=m.max_seq_len, tie_embeddings=m.tie_embeddings, vocab_multiple=m.get("vocab_multiple", 1),
         residual_dropout_max=m.residual_dropout_max, param_dtype=m.param_dtype,
         compute_dtype=m.compute_dtype, remat_policy=m.remat_policy,
-        attention=m.get("attention", DEFAULT_ATTENTION))  # absent in configs written before it existed
+        # absent in configs written before they existed:
+        attention=m.get("attention", DEFAULT_ATTENTION), attention_block=m.get("attention_block", 0),
+        scan_unroll=m.get("scan_unroll", 0))
 
 
 def packing_mode(value: Any) -> str:
@@ -321,6 +325,12 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, m.get("attention", DEFAULT_ATTENTION) in ATTENTION_IMPLEMENTATIONS, "model.attention",
            f"must be one of {ATTENTION_IMPLEMENTATIONS} (\"blocked\": linear-memory XLA attention on every backend; "
            "\"cudnn\" / \"triton\" / \"tokamax\": GPU kernels; \"splash\": TPU; \"reference\": the plain formula)")
+    block = m.get("attention_block", 0)
+    _check(config, isinstance(block, int) and not isinstance(block, bool) and block >= 0, "model.attention_block",
+           "must be an int >= 0 (the \"blocked\" kernel's block length; 0: chosen by backend and row length)")
+    unroll = m.get("scan_unroll", 0)
+    _check(config, isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 0, "model.scan_unroll",
+           "must be an int >= 0 (layers per iteration of the layer scan; 0: all on the CPU, 1 elsewhere)")
     _check(config, m.get("attention") != "cudnn" or m.compute_dtype != "float32", "model.attention",
            "\"cudnn\" takes bfloat16 or float16 only: set model.compute_dtype=bfloat16 or use \"blocked\"")
     d = config.data

@@ -5,7 +5,8 @@
 
 * Every parameter and key activation carries logical axis names ("embed", "heads", "mlp", ...); the mesh
   axes they map to are decided in one place, `lima_jax.sharding`.
-* Layers are stacked with `nn.scan` (one compiled layer, whatever the depth), optionally rematerialized.
+* Layers are stacked with `nn.scan` (one compiled layer, whatever the depth; unrolled on the CPU,
+  `layer_unroll`), optionally rematerialized.
 * Attention takes `segment_ids` and `positions`: a token attends only to earlier tokens of its own segment
   and RoPE positions restart per segment, so packed rows never leak across examples. Segment 0 is padding.
   The attention kernel is `model.attention` (`lima_jax.attention`); decoding with a KV cache uses the
@@ -17,6 +18,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from lima_jax.attention import attend, attention_mask, grouped_query_attention  # noqa: F401 (re-exported)
+from lima_jax.attention import attend, attention_mask, default_block_size, grouped_query_attention  # noqa: F401
 from lima_jax.config import ModelConfig
 
 Array = jax.Array
@@ -145,7 +147,7 @@ class Attention(nn.Module):
         k = apply_rope(k, positions, cfg)
 
         if kv_cache is None:  # training / scoring: the kernel chosen by model.attention
-            out, new_cache = attend(cfg.attention, q, k, v, segment_ids), None
+            out, new_cache = attend(cfg.attention, q, k, v, segment_ids, cfg.attention_block), None
         else:  # decoding: write this step's keys/values at `index`, attend to everything written so far
             k, v, mask, new_cache = _update_kv_cache(kv_cache, layer, k, v, segment_ids)
             out = grouped_query_attention(q, k, v, mask)
@@ -236,6 +238,22 @@ def _layer_class(cfg: ModelConfig):
     return nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
 
 
+def layer_unroll(cfg: ModelConfig, backend: str | None = None) -> int:
+    """Layers per iteration of the layer scan: `cfg.scan_unroll`, or for 0 all of them on the CPU (XLA's CPU
+    backend spends ~10% of a step filling and copying the scan's stacked residual buffers) and 1 elsewhere."""
+    if cfg.scan_unroll:
+        return min(cfg.scan_unroll, cfg.n_layers)
+    return cfg.n_layers if (backend or jax.default_backend()) == "cpu" else 1
+
+
+def for_platform(cfg: ModelConfig, platform: str) -> ModelConfig:
+    """`cfg` with its automatic (0) speed settings fixed for `platform`, for a step compiled ahead of time for
+    devices other than JAX's default backend (a TPU topology from a CPU host): `scan_unroll` by `layer_unroll`,
+    and off the CPU the "blocked" kernel's `attention_block` at its fixed size."""
+    block = cfg.attention_block or (0 if platform == "cpu" else default_block_size(0, platform))
+    return dataclasses.replace(cfg, scan_unroll=layer_unroll(cfg, platform), attention_block=block)
+
+
 def lm_logits(x: Array, head: Array, cfg: ModelConfig) -> Array:
     """float32 logits [batch, length, padded_vocab] of final hidden states x [batch, length, dim] under the LM
     head [dim, padded_vocab]; the padding columns (ids >= vocab_size) are -inf, so softmax gives them exactly 0
@@ -274,6 +292,7 @@ class Llama(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, 0),
             length=cfg.n_layers,
+            unroll=layer_unroll(cfg),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         (x, new_cache), _ = layers(name="layers")((x, kv_cache), rates, segment_ids, positions,

@@ -180,3 +180,19 @@ def test_train_step_loss_and_gradients_blocked_equal_reference():
     for path, got, want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads),
                                jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path[0]))
+
+
+def test_default_block_size_by_backend_and_row_length():
+    """Off the CPU the fixed BLOCK_SIZE; on the CPU one block for short rows, else the power of two nearest a
+    row's eighth within CPU_BLOCK_RANGE."""
+    assert attention.default_block_size(2048, "tpu") == attention.default_block_size(100, "gpu") == attention.BLOCK_SIZE
+    assert [attention.default_block_size(t, "cpu") for t in (100, 128, 512, 1024, 2048, 8192)] == [
+        104, 128, 64, 128, 256, 256]
+
+
+def test_blocked_default_block_equals_reference_on_packed_rows():
+    """The CPU default (several 64-token blocks at 512 tokens) against the reference, packed rows with padding."""
+    q, k, v, seg, cot = packed_inputs(length=512)
+    got = output_and_grads(attention.blocked_attention, q, k, v, seg, cot)
+    want = output_and_grads(attention.reference_attention, q, k, v, seg, cot)
+    assert_close_on_real_tokens(got, want, seg, F32_TOL)

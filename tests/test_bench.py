@@ -67,8 +67,10 @@ def test_toy_run_writes_sane_json_lines(toy_config, tmp_path, capsys):
     consistent; the analytic FLOPs are the HLO's loop-aware dot count and exceed XLA's (which counts the
     scanned layers once)."""
     out = tmp_path / "bench.jsonl"
-    # reference attention: the blocked kernel's backward recomputes QK^T, FLOPs the analytic model count omits
-    bench_cli.main(["--config", toy_config.source_file, "--config.model.attention=reference", "--steps", "2", "--warmup", "1", "--segments", "2",
+    # reference attention: the blocked kernel's backward recomputes QK^T, FLOPs the analytic model count omits;
+    # the layer scan kept as on accelerators (not unrolled), whose body XLA's cost analysis counts once
+    bench_cli.main(["--config", toy_config.source_file, "--config.model.attention=reference",
+                    "--config.model.scan_unroll=1", "--steps", "2", "--warmup", "1", "--segments", "2",
                     "--peak_tflops", "0.5", "--decode_batches", "2", "--decode_tokens", "4", "--decode_runs", "1",
                     "--out", str(out)])
     records = [json.loads(line) for line in out.read_text().splitlines()]

@@ -221,6 +221,46 @@ def test_remat_does_not_change_results(policy):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("unroll", [1, 2, 3])
+def test_scan_unroll_changes_neither_parameters_nor_results(unroll):
+    """scan_unroll only changes how XLA loops over the layers: same parameter tree, same logits, gradients
+    and dropout masks (each layer keeps its own rng), with or without a KV cache."""
+    base = dataclasses.replace(CFG, scan_unroll=1)
+    model, params = init(base)
+    unrolled = Llama(dataclasses.replace(CFG, scan_unroll=unroll))
+    _, unrolled_params = init(dataclasses.replace(CFG, scan_unroll=unroll))
+    assert jax.tree.structure(params) == jax.tree.structure(unrolled_params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(unrolled_params)):
+        np.testing.assert_array_equal(a, b)
+    x = tokens()
+
+    def loss(p, m):
+        logits = m.apply({"params": p}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})[0]
+        return jnp.mean(logits ** 2)
+
+    np.testing.assert_allclose(loss(params, model), loss(params, unrolled), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(jax.grad(loss)(params, model)), jax.tree.leaves(jax.grad(loss)(params, unrolled))):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_layer_unroll_default_is_all_layers_on_cpu_one_elsewhere():
+    from lima_jax.model import layer_unroll
+    assert layer_unroll(CFG, "cpu") == CFG.n_layers
+    assert layer_unroll(CFG, "tpu") == layer_unroll(CFG, "gpu") == 1
+    assert layer_unroll(dataclasses.replace(CFG, scan_unroll=2), "cpu") == 2
+    assert layer_unroll(dataclasses.replace(CFG, scan_unroll=9), "tpu") == CFG.n_layers
+
+
+def test_for_platform_fixes_the_automatic_settings():
+    from lima_jax.attention import BLOCK_SIZE
+    from lima_jax.model import for_platform
+    tpu = for_platform(CFG, "tpu")
+    assert (tpu.scan_unroll, tpu.attention_block) == (1, BLOCK_SIZE)
+    cpu = for_platform(CFG, "cpu")
+    assert (cpu.scan_unroll, cpu.attention_block) == (CFG.n_layers, 0)  # the block still follows the row length
+    assert for_platform(dataclasses.replace(CFG, attention_block=96), "tpu").attention_block == 96
+
+
 def test_bfloat16_compute_keeps_float32_params():
     cfg = dataclasses.replace(CFG, compute_dtype="bfloat16")
     model, params = init(cfg)

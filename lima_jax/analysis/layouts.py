@@ -34,7 +34,7 @@ from lima_jax.analysis.hlo import HloModule, collective_stats, dot_flops
 from lima_jax.config import ModelConfig, model_config, packing_mode, validate
 from lima_jax.data.pipeline import round_up
 from lima_jax.errors import ConfigError
-from lima_jax.model import Llama
+from lima_jax.model import Llama, for_platform
 from lima_jax.optim import learning_rate_schedule, make_optimizer
 from lima_jax.paths import PathLike, as_path
 from lima_jax.tokenizer import load_tokenizer
@@ -273,6 +273,7 @@ def compare(config: ml_collections.ConfigDict, specs: Sequence[str], topology: T
     model_cfg = model_config(config, vocab_size=resolve_vocab_size(config, vocab_size))
     if devices is None:
         devices = topology_devices(topology) if topology is not None else jax.devices()
+    model_cfg = for_platform(model_cfg, devices[0].platform)  # a TPU topology compiled from this host
     peak = peak_tflops or device_peak_tflops(devices[0])
     tensor = tensor or default_tensor_size(model_cfg, len(devices))
     reports = []
