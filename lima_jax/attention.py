@@ -234,6 +234,11 @@ def blocked_attention(q: Array, k: Array, v: Array, segment_ids: Array, block_si
     `block_size` 0: `default_block_size`."""
     b, t, nh, d = q.shape
     nkv = k.shape[2]
+    # Inside the model's differentiated layer scan the segment ids are the same for every layer, so JAX's
+    # loop-invariant hoisting (scan linearization) would precompute every tile's mask for all layers at once,
+    # stacked: [tiles, b, kv, g, block, block], quadratic in the row length. Tied to this layer's queries they
+    # vary with the layer, and each tile's mask is made inside the tile loop.
+    q, segment_ids = jax.lax.optimization_barrier((q, segment_ids))
     block = min(block_size or default_block_size(t), _round_up(t, 8))
     padded = _round_up(t, block)
     n = padded // block

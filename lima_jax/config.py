@@ -299,6 +299,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _check_int(config: ml_collections.ConfigDict, value: Any, least: int, field: str, meaning: str) -> None:
+    """`value` must be an int (not a bool) >= `least`; `meaning` says what the field does."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= least
+    bound = "a positive int" if least == 1 else f"an int >= {least}"
+    _check(config, ok, field, f"must be {bound} ({meaning})")
+
+
 def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     """Raises ConfigError naming the config file and field for the first illegal value. With `paths=False`
     the workdir, training-data and tokenizer paths may be empty (tools that compile or generate only)."""
@@ -318,19 +325,17 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
         _check(config, False, f"model.{rope[0]}", rope[1])
     _check(config, m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
     _check(config, m.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}")
-    vocab_multiple = m.get("vocab_multiple", 1)  # absent in a config.json written before it existed
-    _check(config, isinstance(vocab_multiple, int) and not isinstance(vocab_multiple, bool) and vocab_multiple > 0,
-           "model.vocab_multiple", "must be a positive int (embedding rows padded to a multiple of it; 1: no padding)")
+    # m.get: absent in a config.json written before the field existed
+    _check_int(config, m.get("vocab_multiple", 1), 1, "model.vocab_multiple",
+               "embedding rows padded to a multiple of it; 1: no padding")
     _check(config, m.remat_policy in REMAT_POLICIES, "model.remat_policy", f"must be one of {REMAT_POLICIES}")
     _check(config, m.get("attention", DEFAULT_ATTENTION) in ATTENTION_IMPLEMENTATIONS, "model.attention",
            f"must be one of {ATTENTION_IMPLEMENTATIONS} (\"blocked\": linear-memory XLA attention on every backend; "
            "\"cudnn\" / \"triton\" / \"tokamax\": GPU kernels; \"splash\": TPU; \"reference\": the plain formula)")
-    block = m.get("attention_block", 0)
-    _check(config, isinstance(block, int) and not isinstance(block, bool) and block >= 0, "model.attention_block",
-           "must be an int >= 0 (the \"blocked\" kernel's block length; 0: chosen by backend and row length)")
-    unroll = m.get("scan_unroll", 0)
-    _check(config, isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 0, "model.scan_unroll",
-           "must be an int >= 0 (layers per iteration of the layer scan; 0: all on the CPU, 1 elsewhere)")
+    _check_int(config, m.get("attention_block", 0), 0, "model.attention_block",
+               "the \"blocked\" kernel's block length; 0: chosen by backend and row length")
+    _check_int(config, m.get("scan_unroll", 0), 0, "model.scan_unroll",
+               "layers per iteration of the layer scan; 0: all on the CPU, 1 elsewhere")
     _check(config, m.get("attention") != "cudnn" or m.compute_dtype != "float32", "model.attention",
            "\"cudnn\" takes bfloat16 or float16 only: set model.compute_dtype=bfloat16 or use \"blocked\"")
     d = config.data
@@ -344,9 +349,8 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
            f"must be one of {PACKING_MODES} (\"none\": one example per row; \"rows\": packed, train.batch_size "
            "counts rows; \"examples\": packed, train.batch_size counts examples; an older config's False / True "
            "mean \"none\" / \"rows\")")
-    limit = d.get("max_line_bytes", 1)  # absent in a config.json written before it existed: the default
-    _check(config, isinstance(limit, int) and not isinstance(limit, bool) and limit > 0, "data.max_line_bytes",
-           "must be a positive int (bytes of the longest JSONL line accepted, e.g. 4194304)")
+    _check_int(config, d.get("max_line_bytes", 1), 1, "data.max_line_bytes",
+               "bytes of the longest JSONL line accepted, e.g. 4194304")
     t = config.train
     _check(config, t.batch_size > 0, "train.batch_size", "must be positive")
     _check(config, t.num_epochs > 0, "train.num_epochs", "must be positive")
@@ -355,9 +359,8 @@ def validate(config: ml_collections.ConfigDict, paths: bool = True) -> None:
     _check(config, packing == "examples" or t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
            f"must divide train.batch_size={t.batch_size} (or use data.packing=\"examples\")")
     _check(config, t.log_every > 0, "train.log_every", "must be positive")
-    chunk = t.get("loss_chunk_length", 0)  # absent in a config.json written before it existed
-    _check(config, isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0, "train.loss_chunk_length",
-           "must be an int >= 0 (sequence positions per chunk of the loss; 0: the whole sequence at once)")
+    _check_int(config, t.get("loss_chunk_length", 0), 0, "train.loss_chunk_length",
+               "sequence positions per chunk of the loss; 0: the whole sequence at once")
     _check(config, t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0: per epoch only)")
     _check(config, t.get("snapshots", "full") in SNAPSHOT_MODES, "train.snapshots", f"must be one of {SNAPSHOT_MODES}")
     _check(config, t.get("snapshot_dtype", "bfloat16") in SNAPSHOT_DTYPES, "train.snapshot_dtype",

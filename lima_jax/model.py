@@ -30,6 +30,9 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lima_jax.attention import attend, attention_mask, default_block_size, grouped_query_attention  # noqa: F401
 from lima_jax.config import ModelConfig
+from lima_jax.xla_cpu import unroll_threefry
+
+unroll_threefry()  # before any step is traced: on the CPU, dropout masks and sampling draw bits without a loop
 
 Array = jax.Array
 _init = nn.initializers.normal(stddev=0.02)
@@ -286,8 +289,9 @@ class Llama(nn.Module):
         x = _constrain(x, ("batch", "length", "embed"))
 
         rates = jnp.asarray(residual_dropout_rates(cfg.n_layers, cfg.residual_dropout_max))
+        no_dropout = deterministic or cfg.residual_dropout_max == 0  # no masks drawn at rate 0 everywhere
         layers = nn.scan(
-            functools.partial(_layer_class(cfg), cfg, deterministic),
+            functools.partial(_layer_class(cfg), cfg, no_dropout),
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, 0),

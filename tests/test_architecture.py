@@ -23,7 +23,7 @@ LAYERS = (
     ("lima_jax.attention", CORE), ("lima_jax.loss", CORE),
     ("lima_jax.distributed", CORE), ("lima_jax.data", CORE), ("lima_jax.data.*", CORE), ("lima_jax.records", CORE),
     ("lima_jax.checkpoint", CORE), ("lima_jax.rundir", CORE), ("lima_jax.metrics", CORE), ("lima_jax.manifest", CORE),
-    ("lima_jax.runlock", CORE), ("lima_jax.preemption", CORE),
+    ("lima_jax.runlock", CORE), ("lima_jax.preemption", CORE), ("lima_jax.xla_cpu", CORE),
     ("lima_jax.runtime", RUNTIME), ("lima_jax.train_step", RUNTIME),
     ("lima_jax.training", WORKFLOW), ("lima_jax.generation", WORKFLOW), ("lima_jax.dev_report", WORKFLOW),
     ("lima_jax.evaluation", WORKFLOW), ("lima_jax.evaluation.*", WORKFLOW),
