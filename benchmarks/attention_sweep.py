@@ -112,10 +112,10 @@ def main() -> None:
         base = runs[kernels[0]]
         for name, run in runs.items():
             median = statistics.median(run["times"])
+            note = f"first-step loss {run['loss']:.4f}" if timed else "compiled only"
             print(f"{length:>6} {rows:>4} {name:>10} {median:>8.3f} {run['temp'] / 2**20:>9.1f} "
                   f"{median / statistics.median(base['times']):>7.2f} {run['temp'] / base['temp']:>7.2f} "
-                  f"{run['compile_s']:>9.1f}   " + (f"(first-step loss {run['loss']:.4f})" if timed else "(compiled only)"),
-                  flush=True)
+                  f"{run['compile_s']:>9.1f}   ({note})", flush=True)
         del runs
     print(f"load at the end {os.getloadavg()[0]:.1f}")
 
