@@ -6,8 +6,10 @@
 Shapes: `peer` is the issue's LLaMA shape (dim 256, 4 layers, 8 heads / 4 KV heads, ffn 688, vocab 8,000, batch
 8 x 512, float32); `toy` is configs/toy.py (batch 8 x 128). lima_jax runs its real train step (the jitted step
 `lima_jax.train` runs, through `lima_jax.analysis.bench.compile_case`: random tokens, one segment per row, LIMA's
-residual dropout on); PyTorch runs `LlamaForCausalLM` (SDPA attention, no dropout) with token cross-entropy and
-`torch.optim.AdamW` (betas 0.9/0.95, weight decay 0.1). After one warm-up step each, the two alternate for
+residual dropout on); PyTorch runs `LlamaForCausalLM` (SDPA attention) with token cross-entropy and
+`torch.optim.AdamW` (betas 0.9/0.95, weight decay 0.1), and the same residual dropout as lima_jax's config (the
+same per-layer rates, `torch.nn.functional.dropout` on each layer's attention and MLP output through forward
+hooks; none at rate 0), so both do the recipe's work. After one warm-up step each, the two alternate for
 --rounds steps, with the same thread count (torch.set_num_threads; XLA's CPU client uses every core of the
 process, so --threads also pins the process to that many cores with sched_setaffinity). Prints the median
 step time of each and the ratio lima_jax / torch (< 1: lima_jax faster).
@@ -16,7 +18,7 @@ step time of each and the ratio lima_jax / torch (< 1: lima_jax faster).
 imported, e.g. --xla_flags=--xla_cpu_use_xnnpack=true; compare the ratio to torch between runs (on a machine
 with spare cores: on an oversubscribed one torch's OpenMP pool slows down far more than XLA's, use --threads 1).
 --config.a.b=v: an override of configs/toy.py applied to lima_jax's step after the shape's (e.g.
---config.model.attention=reference, --config.model.residual_dropout_max=0.0 to match torch's no-dropout step).
+--config.model.attention=reference; --config.model.residual_dropout_max=0.0 turns dropout off on both sides).
 Needs torch and transformers (`pip install "lima_jax[parity]"`).
 """
 from __future__ import annotations
@@ -52,10 +54,26 @@ def shape_overrides(name: str) -> list[tuple[str, str]]:
     raise SystemExit(f"--shapes: unknown shape {name!r} (peer, toy)")
 
 
+def add_residual_dropout(model, rates) -> None:
+    """LIMA's residual dropout on a transformers LLaMA: layer l drops its attention and MLP outputs at rates[l]."""
+    import torch
+
+    for layer, rate in zip(model.model.layers, rates):
+        if rate == 0:
+            continue
+        p = float(rate)
+        layer.self_attn.register_forward_hook(
+            lambda module, _inputs, out, p=p: (torch.nn.functional.dropout(out[0], p, module.training), *out[1:]))
+        layer.mlp.register_forward_hook(
+            lambda module, _inputs, out, p=p: torch.nn.functional.dropout(out, p, module.training))
+
+
 def torch_step(case, threads: int):
     """A PyTorch + transformers train step of the same shape and optimizer as `case`; returns a timer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lima_jax.model import residual_dropout_rates  # here: jax is imported once XLA_FLAGS are set
 
     torch.set_num_threads(threads)
     m, cfg = case.model_cfg, case.cfg
@@ -65,6 +83,7 @@ def torch_step(case, threads: int):
         rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=False, attention_dropout=0.0,
         attn_implementation="sdpa"))
     model.train()
+    add_residual_dropout(model, residual_dropout_rates(m.n_layers, m.residual_dropout_max))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     rows, length = cfg.train.batch_size, cfg.data.max_len
     generator = torch.Generator().manual_seed(0)

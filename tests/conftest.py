@@ -19,6 +19,9 @@ import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+# How long a test waits on the training processes it starts. Generous: on a crowded 2-core machine (the other
+# xdist worker in a long test) two processes that each compile a train step took over 300 s to their first one.
+SUBPROCESS_TIMEOUT_S = int(os.environ.get("LIMA_TEST_TIMEOUT_S", "600"))
 
 
 @pytest.fixture(scope="session")

@@ -20,11 +20,11 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import worker_results
+from tests.conftest import SUBPROCESS_TIMEOUT_S, worker_results
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
-TIMEOUT_S = 240
+TIMEOUT_S = SUBPROCESS_TIMEOUT_S
 RTOL = 1e-4
 
 _WORKER = r"""

@@ -22,9 +22,10 @@ import pytest
 
 from lima_jax import checkpoint, manifest, preemption
 from lima_jax.errors import Preempted
+from tests.conftest import SUBPROCESS_TIMEOUT_S
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-TIMEOUT_S = int(os.environ.get("LIMA_TEST_TIMEOUT_S", "300"))  # more on a crowded machine
+TIMEOUT_S = SUBPROCESS_TIMEOUT_S
 STEPS_PER_EPOCH, EPOCHS = 6, 2
 MESSAGE = re.compile(r"preempted at epoch (\d+) step (\d+): checkpoint (\S+) written; run the same command again "
                      r"to resume")
