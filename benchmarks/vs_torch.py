@@ -38,6 +38,9 @@ from lima_jax import cli  # noqa: E402 (after the path; it does not start a back
 PEER = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=688, vocab_size=8000, batch=8, length=512)
 
 
+SHAPES = ("peer", "toy")
+
+
 def shape_overrides(name: str) -> list[tuple[str, str]]:
     """Config overrides of configs/toy.py giving the named shape (float32, no remat, one device)."""
     common = [("model.compute_dtype", "float32"), ("model.param_dtype", "float32"), ("model.remat_policy", "none"),
@@ -51,7 +54,7 @@ def shape_overrides(name: str) -> list[tuple[str, str]]:
                          ("model.hidden_dim", str(p["hidden_dim"])), ("model.vocab_size", str(p["vocab_size"])),
                          ("model.max_seq_len", str(p["length"])), ("data.max_len", str(p["length"])),
                          ("train.batch_size", str(p["batch"]))]
-    raise SystemExit(f"--shapes: unknown shape {name!r} (peer, toy)")
+    raise ValueError(f"unknown shape {name!r}: {', '.join(SHAPES)}")
 
 
 def add_residual_dropout(model, rates) -> None:
@@ -112,6 +115,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for this run")
     rest, extra = cli.split_overrides(argv)
     args = p.parse_args(rest)
+    unknown = [name for name in args.shapes.split(",") if name not in SHAPES]
+    if unknown:
+        p.error(f"--shapes: unknown shape {', '.join(map(repr, unknown))}; known: {', '.join(SHAPES)}")
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
 

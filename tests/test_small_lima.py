@@ -123,6 +123,24 @@ def test_build_data_writes_the_project_formats(tmp_path):
     assert all("subject" in json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines())
 
 
+def test_copy_probe_finds_the_base_model_copying_in_plain_text_but_not_after_a_request(tmp_path):
+    """The copy probe on the real stories260K: measured 67% of 39 template subjects copied in plain text
+    and 0% in the chat format before fine-tuning (the answer opening "there was a" goes on with "little")."""
+    shared_file("llama/stories260K.bin")
+    base = small_lima.Base.load(small_lima.base_config(small_lima.import_base(tmp_path / "base")))
+    tok = base.rt.tokenizer
+    subjects = [w for w, _ in story_data.TRAIN_SUBJECTS][:39]  # 117 and 78 rows: the last batch shard is padded
+    chat_rows = small_lima.copy_probe_rows(tok, subjects, chat=True)
+    assert len(chat_rows) == 3 * len(subjects)
+    context, pieces = chat_rows[subjects.index("butterfly") * 3]
+    assert tok.decode(pieces) == "butterfly" and context.count(tok.eot_id) == 1 and context[0] == tok.bos_id
+    assert tok.decode(context[context.index(tok.eot_id) + 1:]).endswith("there was a")
+    plain = small_lima.copy_rate(base.rt, base.params, subjects, chat=False)
+    chat = small_lima.copy_rate(base.rt, base.params, subjects, chat=True)
+    print(f"copy probe, base model, {len(subjects)} subjects: plain text {plain:.3f}, chat {chat:.3f}")
+    assert plain >= 0.5 and chat <= 0.1, (plain, chat)
+
+
 @pytest.mark.slow
 def test_reduced_experiment_learns_to_stop_and_keeps_the_story_knowledge(tmp_path):
     """A reduced run through the real sampling, train and dev-report path: ~120 conversations the base model
@@ -150,4 +168,8 @@ def test_reduced_experiment_learns_to_stop_and_keeps_the_story_knowledge(tmp_pat
     assert (tmp_path / "runs" / "chosen" / "dev_report.md").exists()
     assert "dev perplexity" in (tmp_path / "runs" / "chosen" / "dev_report.md").read_text()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    # the copy probe on every row (8 steps are too few to teach the copy: 0% in chat, measured, as the base's);
+    # the base model copies in plain text (75% of these 6 subjects, measured) but not after a request
+    assert all(0.0 <= r["copy_chat"] <= 1.0 and 0.0 <= r["copy_plain"] <= 1.0 for r in rows)
+    assert base["copy_plain"] > base["copy_chat"]
     assert all(p.endswith(".png") and pathlib.Path(p).exists() for p in result.get("plots", []))

@@ -17,6 +17,9 @@ prompts (unseen subjects and names):
                             on_subject_greedy the same for the greedy answers
   dev_on_subject            the same check on the dev report's answers: unseen requests about the subjects
                             of training (the test prompts' subjects are unseen)
+  copy_chat / copy_plain    the copy probe (`copy_rate`, teacher-forced): the share of the test subjects the
+                            model writes again piece by piece where the context calls for it, in an answer's
+                            first sentence (chat) and in plain story text (the pretraining format)
   heldout_loss, retained    loss on held-out story text sampled from the base model, and its ratio to the
                             base model's (1.00 = all pretraining knowledge of that text kept)
   dev_perplexity            perplexity of the 50 dev reference answers
@@ -44,7 +47,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from lima_jax import cli, convert, data, rundir, runtime
+from lima_jax import cli, convert, data, rundir, runtime, sharding
 from lima_jax.config import apply_overrides, load_config_file
 from lima_jax.dev_report import answer_cap_from_data, answer_lengths, dev_report_hook, mean_token_loss
 from lima_jax.experiments import story_data
@@ -358,6 +361,45 @@ def dev_on_subject(workdir: str, epoch: int, dev_subjects: dict[str, str]) -> di
     return {"dev_on_subject": on_subject(answers, [dev_subjects[r["id"]] for r in answers])}
 
 
+def copy_probe_rows(tokenizer, subjects: Sequence[str], chat: bool) -> list[tuple[list[int], list[int]]]:
+    """(context ids, the subject's ids) for every subject and context of `story_data.copy_contexts`."""
+    rows = []
+    for subject in subjects:
+        chats, plains = story_data.copy_contexts(subject)
+        for context in chats if chat else plains:
+            request, opening = context if chat else ("", context)
+            head = [tokenizer.bos_id] + (tokenizer.encode(request) + [tokenizer.eot_id] if chat else [])
+            before, after = tokenizer.encode(opening), tokenizer.encode(f"{opening} {subject}")
+            if after[:len(before)] != before:
+                raise ValueError(f"the copy probe's context {opening!r} tokenizes differently before {subject!r}")
+            rows.append((head + before, after[len(before):]))
+    return rows
+
+
+def copy_rate(rt: runtime.Runtime, params: Any, subjects: Sequence[str], chat: bool) -> float:
+    """The copy probe: the share of (subject, context) pairs of `copy_probe_rows` where every piece of the
+    subject is the model's most likely next token, teacher-forced. chat=True: the answer to a request about
+    the subject; chat=False: plain story text that calls for the subject again (what pretraining taught)."""
+    rows = copy_probe_rows(rt.tokenizer, subjects, chat)
+    length = -(-max(len(c) + len(s) for c, s in rows) // 8) * 8
+    shards = sharding.batch_shards(sharding.batch_sharding(rt.mesh, rt.rules))
+    tokens = np.zeros((-(-len(rows) // shards) * shards, length), np.int32)  # empty rows fill the last shard
+    segments = np.zeros_like(tokens)
+    for r, (context, subject) in enumerate(rows):
+        tokens[r, :len(context) + len(subject)] = context + subject
+        segments[r, :len(context) + len(subject)] = 1
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
+    logits, _ = rt.model.apply({"params": params}, tokens, segments, positions, deterministic=True)
+    best = np.asarray(logits).argmax(axis=-1)
+    return statistics.fmean(all(best[r, len(context) - 1 + i] == t for i, t in enumerate(pieces))
+                            for r, (context, pieces) in enumerate(rows))
+
+
+def copy_rates(m: "Measure", rt: runtime.Runtime, params: Any) -> dict[str, float]:
+    subjects = sorted(set(m.subjects))
+    return {"copy_chat": copy_rate(rt, params, subjects, True), "copy_plain": copy_rate(rt, params, subjects, False)}
+
+
 def measure_epoch(m: Measure, model: Any, params: Any, generator: Generator, tokenizer, greedy: bool = True) -> dict:
     generator.params = params
     sampled = answer_prompts(generator, m.prompts, SamplingConfig(max_new_tokens=m.cap, seed=0))
@@ -416,7 +458,7 @@ def train_and_measure(config: ml_collections.ConfigDict, m: Measure, name: str, 
                                                                            len(m.prompts)))
         t0 = time.perf_counter()
         row = {"run": name, "epoch": end.epoch, "step": end.step,
-               **measure_epoch(m, rt.model, end.state.params, gen, rt.tokenizer),
+               **measure_epoch(m, rt.model, end.state.params, gen, rt.tokenizer), **copy_rates(m, rt, end.state.params),
                **dev_on_subject(config.workdir, end.epoch, m.dev_subjects),
                "elapsed_s": time.perf_counter() - tic, "measure_s": time.perf_counter() - t0}
         rows.append(row)
@@ -431,7 +473,8 @@ def train_and_measure(config: ml_collections.ConfigDict, m: Measure, name: str, 
 COLUMNS = (("epoch", "epoch", "{}"), ("EOT stop (sampled)", "eot_sampled", "{:.0%}"),
            ("EOT stop (greedy)", "eot_greedy", "{:.0%}"), ("mean tokens", "mean_tokens", "{:.1f}"),
            ("on subject", "on_subject", "{:.0%}"), ("on subject (greedy)", "on_subject_greedy", "{:.0%}"),
-           ("dev on subject", "dev_on_subject", "{:.0%}"), ("held-out loss", "heldout_loss", "{:.3f}"),
+           ("dev on subject", "dev_on_subject", "{:.0%}"), ("copies subject (chat)", "copy_chat", "{:.0%}"),
+           ("copies subject (plain text)", "copy_plain", "{:.0%}"), ("held-out loss", "heldout_loss", "{:.3f}"),
            ("vs base", "retained", "{:.3f}"), ("dev ppl", "dev_perplexity", "{:.3f}"),
            ("pref vs base (heuristic)", "pref_vs_base", "{:.0%}"))
 
@@ -520,7 +563,7 @@ def base_row(m: Measure, config: ml_collections.ConfigDict) -> dict:
         "base_ended": statistics.fmean(e for _, e in m.base_answers),
         "heldout_loss": m.base_heldout_loss, "retained": 1.0,
         "dev_perplexity": math.exp(mean_token_loss(base.rt.model, base.params, m.dev_refs, m.max_len)),
-        "pref_vs_base": 0.5}
+        "pref_vs_base": 0.5, **copy_rates(m, base.rt, base.params)}
 
 
 def run(out: pathlib.Path, overrides: Overrides, sweep: bool, name: str = "chosen", test_prompts: int = 0,

@@ -57,7 +57,23 @@ SAMPLED_TRAIN_SUBJECTS = TRAIN_SUBJECTS + tuple((w, "animal") for w in (
     "coin", "necklace", "dress", "shirt", "coat", "scarf", "umbrella", "wagon", "sled", "shovel", "rope", "ladder",
     "mirror", "pillow", "bowl", "plate", "boot", "glove", "button", "feather", "crown", "wand", "map", "rainbow",
     "snowman", "flag", "whistle", "guitar", "piano", "trumpet", "phone", "camera", "bracelet", "ribbon", "marble",
-    "jacket"))
+    "jacket")) + tuple((w, "animal") for w in (
+    "hippo", "panda", "koala", "gorilla", "peacock", "flamingo", "beaver", "raccoon", "hamster", "kitty", "lizard",
+    "crab", "jellyfish", "otter", "bat", "rat", "robin", "crow", "pigeon", "toad", "caterpillar", "unicorn",
+    "octopus", "crocodile", "cheetah", "leopard", "moose", "donkey", "bull", "calf", "chick", "duckling", "ostrich",
+    "squid", "starfish", "dragonfly", "firefly", "beetle", "grasshopper", "cricket", "moth", "hedgehog", "skunk",
+    "sloth", "kangaroo", "monster", "fairy")) + tuple((w, "thing") for w in (
+    "tractor", "scooter", "skateboard", "helmet", "backpack", "lunchbox", "muffin", "cupcake", "pizza", "cheese",
+    "grape", "cherry", "lemon", "strawberry", "peach", "pear", "melon", "watermelon", "tomato", "potato", "seed",
+    "acorn", "mushroom", "sunflower", "tulip", "vase", "pot", "kettle", "teapot", "fork", "napkin", "towel",
+    "soap", "bubble", "wheel", "airplane", "ship", "submarine", "raft", "canoe", "anchor", "telescope", "lantern",
+    "candle", "flashlight", "magnet", "globe", "statue", "fountain", "hut", "cabin", "igloo", "nest",
+    "cage", "carpet", "rug", "sofa", "couch", "desk", "shelf", "sweater", "mitten", "sandal", "slipper",
+    "belt", "wallet", "purse", "locket", "medal", "trophy", "badge", "sticker", "envelope", "notebook", "marker",
+    "eraser", "ruler", "quilt", "gift", "letter", "painting", "hammer", "brush", "stone",
+    "pebble", "crystal", "diamond", "treasure", "sandcastle", "tower", "costume", "mask", "cape",
+    "toothbrush", "bandage", "puppet", "dollhouse", "flute", "violin", "harp", "radio", "computer",
+    "cereal", "noodle", "pancake", "waffle", "donut", "lollipop", "popcorn", "chocolate", "honey", "jam", "bread"))
 TRAIN_NAMES = (("Lily", "she"), ("Tim", "he"), ("Ben", "he"), ("Sue", "she"), ("Tom", "he"), ("Anna", "she"),
                ("Sam", "he"), ("Lucy", "she"), ("Jack", "he"), ("Mia", "she"), ("Max", "he"), ("Amy", "she"),
                ("Bob", "he"), ("Sara", "she"), ("Jake", "he"), ("Kim", "she"))
@@ -330,6 +346,20 @@ def build_splits(seed: int = 0, train_size: int = 1000, two_turn: int = 30, dev_
 def mentions(text: str, subject: str) -> bool:
     """The overlap check: the answer names the subject (singular or plural, whole word, any case)."""
     return re.search(rf"\b{re.escape(subject)}(s|es)?\b", text, re.IGNORECASE) is not None
+
+
+def copy_contexts(subject: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """Contexts for the copy probe (`small_lima.copy_rate`), each ending right before the subject is written
+    again: (request, answer opening) pairs, where the answer's first sentence names the request's subject
+    the way the training stories do; and plain story text that mentions it and then calls for it again, the
+    pretraining format."""
+    a, art = f"{article(subject)} {subject}", article(subject)
+    chat = [(f"Write a story about {a}.", f"Once upon a time, there was {art}"),
+            (f"Tell me a story about {a} that teaches a lesson.", f"Once upon a time, there was {art}"),
+            (f"Write a story in 9 sentences about {a}.", f"There was once {art}")]
+    plain = [f"Once upon a time, Lily had {a}. She loved her",
+             f"Once upon a time, there was a little girl named Lily. She had {a}. One day, Lily lost her"]
+    return chat, plain
 
 
 def diversity(examples: Sequence[Example], tokenize) -> dict:
