@@ -146,7 +146,10 @@ def test_reduced_experiment_learns_to_stop_and_keeps_the_story_knowledge(tmp_pat
     """A reduced run through the real sampling, train and dev-report path: ~120 conversations the base model
     wrote (one or two batches of samples), 2 epochs, 7 test prompts."""
     shared_file("llama/stories260K.bin")
-    result = small_lima.run(tmp_path, [("train.num_epochs", "2"), ("dev_report.epochs", "(2,)")],
+    # lr 1e-3, not the config's 3e-4: 8 steps are too few for the smaller rate to teach the stop (the full
+    # run takes 165 steps)
+    result = small_lima.run(tmp_path, [("train.num_epochs", "2"), ("dev_report.epochs", "(2,)"),
+                                       ("optimizer.learning_rate", "1e-3"), ("optimizer.end_learning_rate", "1e-4")],
                             sweep=False, test_prompts=7, heldout_stories=8, train_size=120)
     stats = json.loads((tmp_path / "data" / "stats.json").read_text())
     assert stats["responses"] == "sampled" and stats["sampling"]["accepted"] == 120 + 2 * 4 + 2 * 50

@@ -65,7 +65,7 @@ HELDOUT_TOKENS = 200
 SWEEP = (
     ("eot_init_mean", (("tokenizer.eot_init", "mean"),)),
     ("lr_1e-4", (("optimizer.learning_rate", "1e-4"), ("optimizer.end_learning_rate", "1e-5"))),
-    ("lr_3e-4", (("optimizer.learning_rate", "3e-4"), ("optimizer.end_learning_rate", "3e-5"))),
+    ("lr_1e-3", (("optimizer.learning_rate", "1e-3"), ("optimizer.end_learning_rate", "1e-4"))),
     ("no_dropout", (("model.residual_dropout_max", "0.0"),)),
     ("loss_all", (("data.loss_on", "all"),)),
     ("data_250", (("data.train_path", "train_250.jsonl"),)),
