@@ -141,6 +141,17 @@ def test_copy_probe_finds_the_base_model_copying_in_plain_text_but_not_after_a_r
     assert plain >= 0.5 and chat <= 0.1, (plain, chat)
 
 
+def test_runs_sharing_an_output_folder_keep_their_own_table_and_plots(tmp_path):
+    rows = [{"epoch": e, "eot_sampled": 0.5, "eot_greedy": 1.0, "retained": 1.05, "dev_perplexity": 2.7 - e / 10,
+             "pref_vs_base": 0.6} for e in (1, 2)]
+    assert small_lima.output_prefix("chosen") == "" and small_lima.output_prefix("lr_1e-3") == "lr_1e-3_"
+    main = small_lima.plot(rows, 1.3, tmp_path, small_lima.output_prefix("chosen"))
+    variant = small_lima.plot(rows, 1.3, tmp_path, small_lima.output_prefix("lr_1e-3"))
+    assert [p.name for p in main] == ["eot_retained.png", "perplexity_vs_preference.png"]
+    assert [p.name for p in variant] == ["lr_1e-3_eot_retained.png", "lr_1e-3_perplexity_vs_preference.png"]
+    assert all(p.stat().st_size > 0 for p in main + variant)
+
+
 @pytest.mark.slow
 def test_reduced_experiment_learns_to_stop_and_keeps_the_story_knowledge(tmp_path):
     """A reduced run through the real sampling, train and dev-report path: ~120 conversations the base model

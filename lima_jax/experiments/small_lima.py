@@ -27,7 +27,9 @@ prompts (unseen subjects and names):
                             answer scores above the base model's continuation (ties count half); see `score`
 
 Output in DIR: metrics.jsonl (one line per epoch and run), table.md, eot_retained.png and
-perplexity_vs_preference.png (matplotlib), the run directories (runs/NAME) with their dev_report.html.
+perplexity_vs_preference.png (matplotlib; a run given `--name NAME` writes NAME_table.md, NAME_eot_retained.png
+and NAME_perplexity_vs_preference.png, so runs sharing DIR keep theirs), the run directories (runs/NAME) with
+their dev_report.html.
 `--sweep` also trains the variants of `SWEEP` (measured at their last epoch only) into sweep.md.
 Base-model continuations are made here through `lima_jax.generation`'s API (the prompt as plain text after
 BOS, cut where the model starts a new story with BOS), since `lima_jax.generate` has no plain-completion mode.
@@ -489,8 +491,8 @@ def table(rows: Sequence[dict], columns=COLUMNS, first: tuple[str, str] | None =
     return head + "\n".join(format_row(r, cols) for r in rows) + "\n"
 
 
-def plot(rows: Sequence[dict], base_loss: float, out: pathlib.Path) -> list[pathlib.Path]:
-    """eot_retained.png (EOT stop and retained knowledge per epoch), perplexity_vs_preference.png."""
+def plot(rows: Sequence[dict], base_loss: float, out: pathlib.Path, prefix: str = "") -> list[pathlib.Path]:
+    """PREFIXeot_retained.png (EOT stop and retained knowledge per epoch), PREFIXperplexity_vs_preference.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -506,7 +508,7 @@ def plot(rows: Sequence[dict], base_loss: float, out: pathlib.Path) -> list[path
     b.set(xlabel="epoch", ylabel="held-out story loss / base", title=f"knowledge retained (base {base_loss:.3f})")
     b.legend()
     fig.tight_layout()
-    first = out / "eot_retained.png"
+    first = out / f"{prefix}eot_retained.png"
     fig.savefig(first, dpi=100)
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot([r["dev_perplexity"] for r in rows], [r["pref_vs_base"] for r in rows], "o-")
@@ -514,7 +516,7 @@ def plot(rows: Sequence[dict], base_loss: float, out: pathlib.Path) -> list[path
         ax.annotate(str(r["epoch"]), (r["dev_perplexity"], r["pref_vs_base"]))
     ax.set(xlabel="dev perplexity", ylabel="preferred over base (heuristic)", title="perplexity vs preference")
     fig.tight_layout()
-    second = out / "perplexity_vs_preference.png"
+    second = out / f"{prefix}perplexity_vs_preference.png"
     fig.savefig(second, dpi=100)
     return [first, second]
 
@@ -566,6 +568,11 @@ def base_row(m: Measure, config: ml_collections.ConfigDict) -> dict:
         "pref_vs_base": 0.5, **copy_rates(m, base.rt, base.params)}
 
 
+def output_prefix(name: str) -> str:
+    """What a run's table and plots in OUT start with: nothing for the main run ("chosen"), else "NAME_"."""
+    return "" if name == "chosen" else f"{name}_"
+
+
 def run(out: pathlib.Path, overrides: Overrides, sweep: bool, name: str = "chosen", test_prompts: int = 0,
         heldout_stories: int = HELDOUT_STORIES, last_epoch_only: bool = False, responses: str = "sampled",
         train_size: int = 1000) -> dict:
@@ -597,9 +604,10 @@ def run(out: pathlib.Path, overrides: Overrides, sweep: bool, name: str = "chose
         result["sweep"] = sweep_rows
     result["wall_s"] = time.perf_counter() - tic
     lines += ["", f"wall time {result['wall_s']:.0f} s"]
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    prefix = output_prefix(name)
+    (out / f"{prefix}table.md").write_text("\n".join(lines) + "\n")
     try:
-        result["plots"] = [str(p) for p in plot(rows[1:], m.base_heldout_loss, out)]
+        result["plots"] = [str(p) for p in plot(rows[1:], m.base_heldout_loss, out, prefix)]
     except ImportError as e:
         print(f"no plots: matplotlib is not installed ({e})")
     print("\n".join(lines))
