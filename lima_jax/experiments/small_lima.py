@@ -382,19 +382,18 @@ def copy_rate(rt: runtime.Runtime, params: Any, subjects: Sequence[str], chat: b
     """The copy probe: the share of (subject, context) pairs of `copy_probe_rows` where every piece of the
     subject is the model's most likely next token, teacher-forced. chat=True: the answer to a request about
     the subject; chat=False: plain story text that calls for the subject again (what pretraining taught)."""
-    rows = copy_probe_rows(rt.tokenizer, subjects, chat)
-    length = -(-max(len(c) + len(s) for c, s in rows) // 8) * 8
+    examples = []
+    for context, pieces in copy_probe_rows(rt.tokenizer, subjects, chat):
+        ids = np.asarray(context + pieces, np.int32)
+        weights = np.zeros(len(ids) - 1, np.float32)
+        weights[len(context) - 1:] = 1.0  # the targets that are the subject's pieces
+        examples.append(data.Example(ids[:-1], ids[1:], weights, "copy_probe", "copy_probe", False, len(ids)))
     shards = sharding.batch_shards(sharding.batch_sharding(rt.mesh, rt.rules))
-    tokens = np.zeros((-(-len(rows) // shards) * shards, length), np.int32)  # empty rows fill the last shard
-    segments = np.zeros_like(tokens)
-    for r, (context, subject) in enumerate(rows):
-        tokens[r, :len(context) + len(subject)] = context + subject
-        segments[r, :len(context) + len(subject)] = 1
-    positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
-    logits, _ = rt.model.apply({"params": params}, tokens, segments, positions, deterministic=True)
-    best = np.asarray(logits).argmax(axis=-1)
-    return statistics.fmean(all(best[r, len(context) - 1 + i] == t for i, t in enumerate(pieces))
-                            for r, (context, pieces) in enumerate(rows))
+    batch = data.pad_rows(examples + [None] * (-len(examples) % shards), -(-max(map(len, examples)) // 8) * 8)
+    logits, _ = rt.model.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"],
+                               deterministic=True)
+    copied = (np.asarray(logits).argmax(axis=-1) == batch["targets"]) | (batch["weights"] == 0)
+    return float(copied[:len(examples)].all(axis=1).mean())
 
 
 def copy_rates(m: "Measure", rt: runtime.Runtime, params: Any) -> dict[str, float]:
