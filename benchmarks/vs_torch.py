@@ -10,15 +10,21 @@ residual dropout on); PyTorch runs `LlamaForCausalLM` (SDPA attention) with toke
 `torch.optim.AdamW` (betas 0.9/0.95, weight decay 0.1), and the same residual dropout as lima_jax's config (the
 same per-layer rates, `torch.nn.functional.dropout` on each layer's attention and MLP output through forward
 hooks; none at rate 0), so both do the recipe's work. After one warm-up step each, the two alternate for
---rounds steps, with the same thread count (torch.set_num_threads; XLA's CPU client uses every core of the
-process, so --threads also pins the process to that many cores with sched_setaffinity). Prints the median
-step time of each and the ratio lima_jax / torch (< 1: lima_jax faster).
+--rounds rounds, with the same thread count (torch.set_num_threads; XLA's CPU client uses every core of the
+process, so --threads also pins the process to that many cores with sched_setaffinity). In a round each side
+runs --settle untimed steps (default 1) and then one timed step: torch's OpenMP threads keep spinning for some
+milliseconds after its work and slow whatever XLA runs next (a [4,096, 256] x [256, 688] product: 7.8 ms alone,
+10.9 ms right after a torch op; torch right after XLA: no change), so without a settling step the alternation
+measures lima_jax on a machine torch still occupies, which a training loop never is. Prints the median step
+time of each, the ratio of the medians lima_jax / torch (< 1: lima_jax faster), and the median and range of
+the per-round ratios.
 
 --xla_flags=FLAGS (with "=", as the value starts with --): extra XLA_FLAGS for this run, set before jax is
 imported, e.g. --xla_flags=--xla_cpu_use_xnnpack=true; compare the ratio to torch between runs (on a machine
 with spare cores: on an oversubscribed one torch's OpenMP pool slows down far more than XLA's, use --threads 1).
 --config.a.b=v: an override of configs/toy.py applied to lima_jax's step after the shape's (e.g.
 --config.model.attention=reference; --config.model.residual_dropout_max=0.0 turns dropout off on both sides).
+LIMA_JAX_MALLOC=keep (lima_jax.xla_cpu.keep_freed_memory) applies to the whole process, torch included.
 Needs torch and transformers (`pip install "lima_jax[parity]"`).
 """
 from __future__ import annotations
@@ -110,11 +116,15 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="peer,toy", help="comma-separated: peer, toy (default both)")
     p.add_argument("--rounds", type=int, default=5, help="timed steps of each, alternating (default 5)")
+    p.add_argument("--settle", type=int, default=1,
+                   help="untimed steps of the same side before each timed one (default 1; 0: strict alternation)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="threads for both (default: the cores this process may use)")
     p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for this run")
     rest, extra = cli.split_overrides(argv)
     args = p.parse_args(rest)
+    if args.rounds < 1 or args.settle < 0:
+        p.error(f"--rounds must be >= 1 and --settle >= 0 (got {args.rounds}, {args.settle})")
     unknown = [name for name in args.shapes.split(",") if name not in SHAPES]
     if unknown:
         p.error(f"--shapes: unknown shape {', '.join(map(repr, unknown))}; known: {', '.join(SHAPES)}")
@@ -139,13 +149,17 @@ def main(argv: list[str]) -> None:
         times = {label: [] for label in timers}
         for _ in range(args.rounds):
             for label, timer in timers.items():
+                for _ in range(args.settle):
+                    timer()
                 times[label].append(timer())
         median = {label: statistics.median(t) for label, t in times.items()}
+        per_round = sorted(a / b for a, b in zip(times["lima_jax"], times["torch"]))
         m = case.model_cfg
         print(f"{name}: dim {m.dim}, {m.n_layers} layers, {m.n_heads}/{m.n_kv_heads} heads, ffn {m.hidden_dim}, "
               f"vocab {m.vocab_size}, batch {case.cfg.train.batch_size} x {case.cfg.data.max_len}, float32; median "
               f"of {args.rounds}: lima_jax {median['lima_jax'] * 1e3:,.1f} ms, torch {median['torch'] * 1e3:,.1f} "
-              f"ms, ratio lima_jax/torch {median['lima_jax'] / median['torch']:.3f}; load now "
+              f"ms, ratio lima_jax/torch {median['lima_jax'] / median['torch']:.3f} (per round: median "
+              f"{statistics.median(per_round):.3f}, {per_round[0]:.3f}-{per_round[-1]:.3f}); settle {args.settle}; load now "
               f"{os.getloadavg()[0]:.1f}", flush=True)
 
 
