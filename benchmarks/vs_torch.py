@@ -1,7 +1,7 @@
 """One training step (forward, backward, AdamW) of lima_jax vs PyTorch + transformers on the CPU, side by side.
 
-    nice python benchmarks/vs_torch.py [--shapes peer,toy] [--rounds 5] [--threads N] [--xla_flags "..."]
-        [--config.a.b=v ...]
+    nice python benchmarks/vs_torch.py [--shapes peer,toy] [--sides lima_jax,torch] [--rounds 5] [--threads N]
+        [--xla_flags "..."] [--config.a.b=v ...]
 
 Shapes: `peer` is the issue's LLaMA shape (dim 256, 4 layers, 8 heads / 4 KV heads, ffn 688, vocab 8,000, batch
 8 x 512, float32); `toy` is configs/toy.py (batch 8 x 128). lima_jax runs its real train step (the jitted step
@@ -24,7 +24,10 @@ imported, e.g. --xla_flags=--xla_cpu_use_xnnpack=true; compare the ratio to torc
 with spare cores: on an oversubscribed one torch's OpenMP pool slows down far more than XLA's, use --threads 1).
 --config.a.b=v: an override of configs/toy.py applied to lima_jax's step after the shape's (e.g.
 --config.model.attention=reference; --config.model.residual_dropout_max=0.0 turns dropout off on both sides).
-LIMA_JAX_MALLOC=keep (lima_jax.xla_cpu.keep_freed_memory) applies to the whole process, torch included.
+lima_jax's CPU memory setting (lima_jax.xla_cpu: once a CPU mesh exists glibc keeps freed memory, so each step
+reuses the last one's pages) applies to the whole process, torch included; LIMA_JAX_MALLOC=default leaves glibc's
+and JAX's defaults to both. To time each at its own defaults, run one side per process, alternating:
+`--sides lima_jax` and `LIMA_JAX_MALLOC=default ... --sides torch`.
 Needs torch and transformers (`pip install "lima_jax[parity]"`).
 """
 from __future__ import annotations
@@ -45,6 +48,7 @@ PEER = dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=688, vocab_
 
 
 SHAPES = ("peer", "toy")
+SIDES = ("lima_jax", "torch")
 
 
 def shape_overrides(name: str) -> list[tuple[str, str]]:
@@ -121,13 +125,15 @@ def main(argv: list[str]) -> None:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="threads for both (default: the cores this process may use)")
     p.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for this run")
+    p.add_argument("--sides", default="lima_jax,torch", help="comma-separated: lima_jax, torch (default both)")
     rest, extra = cli.split_overrides(argv)
     args = p.parse_args(rest)
     if args.rounds < 1 or args.settle < 0:
         p.error(f"--rounds must be >= 1 and --settle >= 0 (got {args.rounds}, {args.settle})")
-    unknown = [name for name in args.shapes.split(",") if name not in SHAPES]
-    if unknown:
-        p.error(f"--shapes: unknown shape {', '.join(map(repr, unknown))}; known: {', '.join(SHAPES)}")
+    for flag, names, known in (("--shapes", args.shapes, SHAPES), ("--sides", args.sides, SIDES)):
+        unknown = [name for name in names.split(",") if name not in known]
+        if unknown:
+            p.error(f"{flag}: unknown {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
 
@@ -143,7 +149,8 @@ def main(argv: list[str]) -> None:
     for name in args.shapes.split(","):
         variant = bench.Variant(name, tuple(shape_overrides(name) + extra))
         case = bench.compile_case(config, variant, jax.devices()[:1])
-        timers = {"lima_jax": case.step, "torch": torch_step(case, args.threads)}
+        sides = args.sides.split(",")
+        timers = {side: case.step if side == "lima_jax" else torch_step(case, args.threads) for side in sides}
         for timer in timers.values():  # warm-up
             timer()
         times = {label: [] for label in timers}
@@ -153,15 +160,15 @@ def main(argv: list[str]) -> None:
                     timer()
                 times[label].append(timer())
         median = {label: statistics.median(t) for label, t in times.items()}
-        per_round = sorted(a / b for a, b in zip(times["lima_jax"], times["torch"]))
         m = case.model_cfg
-        print(f"{name}: dim {m.dim}, {m.n_layers} layers, {m.n_heads}/{m.n_kv_heads} heads, ffn {m.hidden_dim}, "
-              f"vocab {m.vocab_size}, batch {case.cfg.train.batch_size} x {case.cfg.data.max_len}, float32; median "
-              f"of {args.rounds}: lima_jax {median['lima_jax'] * 1e3:,.1f} ms, torch {median['torch'] * 1e3:,.1f} "
-              f"ms, ratio lima_jax/torch {median['lima_jax'] / median['torch']:.3f} (per round: median "
-              f"{statistics.median(per_round):.3f}, {per_round[0]:.3f}-{per_round[-1]:.3f}); settle {args.settle}; load now "
-              f"{os.getloadavg()[0]:.1f}", flush=True)
-
+        line = (f"{name}: dim {m.dim}, {m.n_layers} layers, {m.n_heads}/{m.n_kv_heads} heads, ffn {m.hidden_dim}, "
+                f"vocab {m.vocab_size}, batch {case.cfg.train.batch_size} x {case.cfg.data.max_len}, float32; median "
+                f"of {args.rounds}: " + ", ".join(f"{label} {t * 1e3:,.1f} ms" for label, t in median.items()))
+        if len(times) == 2:
+            per_round = sorted(a / b for a, b in zip(times["lima_jax"], times["torch"]))
+            line += (f", ratio lima_jax/torch {median['lima_jax'] / median['torch']:.3f} (per round: median "
+                     f"{statistics.median(per_round):.3f}, {per_round[0]:.3f}-{per_round[-1]:.3f})")
+        print(f"{line}; settle {args.settle}; load now {os.getloadavg()[0]:.1f}", flush=True)
 
 if __name__ == "__main__":
     cli.run(main)  # bad input (an unknown --config field): one error line, exit 2

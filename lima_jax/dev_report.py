@@ -259,9 +259,8 @@ def dev_report_hook(config: ml_collections.ConfigDict) -> EpochHook | None:
                          len(references))
         html_path, _ = write_report(run.root)
         summary = epoch_summary(records)
-        if end.writer.enabled:
-            end.writer.tensorboard.add_scalar("dev/mean_response_tokens", summary["mean_tokens"], end.step)
-            end.writer.tensorboard.add_scalar("dev/eot_rate", summary["eot_rate"], end.step)
+        end.writer.scalar("dev/mean_response_tokens", summary["mean_tokens"], end.step)
+        end.writer.scalar("dev/eot_rate", summary["eot_rate"], end.step)
         logging.info("epoch %d dev answers: %d, mean %.1f tokens, %.0f%% stopped on EOT; report %s", end.epoch,
                      summary["answers"], summary["mean_tokens"], 100 * summary["eot_rate"], html_path)
 

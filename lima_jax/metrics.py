@@ -8,13 +8,20 @@ memory and re-uploaded whole at each logged step (one object write per step, nev
 
 Goodput (`Goodput`, `workdir/goodput.json`): where each run's wall time went (productive steps, start-up and
 compile, checkpoint saves, end-of-epoch hooks) and the step time an interrupted run spent after its last
-checkpoint, which the next run redoes; per run and summed over every restart of the workdir."""
+checkpoint, which the next run redoes; per run and summed over every restart of the workdir.
+
+The writing (file appends, uploads, TensorBoard flushes, the console line) happens in order on one background
+thread, so a training step never waits for it; `flush` waits until everything logged so far is written (the
+training loop calls it before a checkpoint is saved, so no line of a saved step is lost with a kill)."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import functools
 import math
+import queue
 import threading
+from typing import Callable
 import time
 
 import jax
@@ -51,6 +58,7 @@ class MetricsWriter:
                          "redo)", path, len(dropped), resumed_at, self.redone_s)
         self._tensorboard = _InBackground(_summary_writer, str(run.tensorboard), resumed_at + 1)
         self.jsonl = _ObjectJsonl(path) if is_remote(path) else path.open("a", encoding="utf-8")
+        self._writes = _InOrder("lima-metrics")
 
     @property
     def tensorboard(self):
@@ -58,19 +66,32 @@ class MetricsWriter:
         return self._tensorboard.result()
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        """Logs `metrics` of the 1-based global `step`."""
+        """Logs `metrics` of the 1-based global `step` (written on the background thread)."""
         if not self.enabled:
             return
         if self.start_step is None:
             self.start_step = step - 1
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._writes.submit(functools.partial(self._write_now, step, record, self._progress_line(step, metrics)))
+
+    def _write_now(self, step: int, record: dict, progress: str) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != "epoch":
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                 self.tensorboard.add_scalar(f"train/{key}", value, step)
         self.tensorboard.flush()
-        logging.info("%s", self._progress_line(step, metrics))
+        logging.info("%s", progress)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        """One TensorBoard scalar (e.g. a dev-report figure), written in order with the metrics."""
+        if self.enabled:
+            self._writes.submit(lambda: self.tensorboard.add_scalar(tag, value, step))
+
+    def flush(self) -> None:
+        """Waits until everything logged so far is written; raises the first error in writing it."""
+        if self.enabled:
+            self._writes.wait()
 
     def _progress_line(self, step: int, m: dict) -> str:
         elapsed = time.time() - self.start_time
@@ -82,12 +103,16 @@ class MetricsWriter:
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.enabled:
-            self.tensorboard.add_text(tag, text, step)
+            self._writes.submit(lambda: self.tensorboard.add_text(tag, text, step))
 
     def close(self) -> None:
+        """Writes what is still queued and closes the files (also after an error in writing, then raised)."""
         if self.enabled:
-            self.tensorboard.close()
-            self.jsonl.close()
+            try:
+                self._writes.wait()
+            finally:
+                self.tensorboard.close()
+                self.jsonl.close()
 
 
 def _summary_writer(logdir: str, purge_step: int):
@@ -116,6 +141,40 @@ class _InBackground:
         if "error" in self._outcome:
             raise self._outcome["error"]
         return self._outcome["value"]
+
+
+class _InOrder:
+    """Runs submitted calls one after another on a daemon thread. After a call fails the rest are skipped and
+    its error is raised by the next `submit` or `wait` in the caller's thread."""
+
+    def __init__(self, name: str):
+        self._calls: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, daemon=True, name=name).start()
+
+    def _run(self) -> None:
+        while True:
+            call = self._calls.get()
+            try:
+                if self._error is None:
+                    call()
+            except BaseException as e:  # noqa: BLE001 (raised in the caller's thread)
+                self._error = e
+            finally:
+                self._calls.task_done()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, call: Callable[[], None]) -> None:
+        self._raise_error()
+        self._calls.put(call)
+
+    def wait(self) -> None:
+        self._calls.join()
+        self._raise_error()
 
 
 class _ObjectJsonl:

@@ -30,10 +30,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lima_jax.attention import attend, attention_mask, default_block_size, grouped_query_attention  # noqa: F401
 from lima_jax.config import ModelConfig
-from lima_jax.xla_cpu import keep_freed_memory, unroll_threefry
+from lima_jax.xla_cpu import run_cpu_computations_inline, unroll_threefry
 
 unroll_threefry()  # before any step is traced: on the CPU, dropout masks and sampling draw bits without a loop
-keep_freed_memory()  # LIMA_JAX_MALLOC=keep: each step reuses the last one's pages (lima_jax.xla_cpu)
+run_cpu_computations_inline()  # before any backend exists: a CPU step's temporaries come from the main heap
 
 Array = jax.Array
 _init = nn.initializers.normal(stddev=0.02)

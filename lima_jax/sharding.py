@@ -34,6 +34,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lima_jax.config import ConfigError, packing_mode
+from lima_jax.xla_cpu import keep_freed_memory
 
 MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "kv", "mlp", "vocab", "layers", "norm")
@@ -194,6 +195,7 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(config, len(devices))
     validate_for_mesh(config, shape, vocab_size)
+    keep_freed_memory(devices[0].platform)  # CPU steps reuse their temporaries' pages (lima_jax.xla_cpu)
     return Mesh(device_grid(shape, devices, _where(config)), MESH_AXES)
 
 

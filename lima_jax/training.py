@@ -68,7 +68,7 @@ class _Dispatched:
     epoch: int
     step: int
     end_of_epoch: bool
-    started: float  # perf_counter before its batch was assembled
+    started: float  # perf_counter when it was dispatched
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +229,7 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
             finish_save(prune=not stopping)  # a save in flight is sealed before the next one starts
             lock.check()  # RunLocked if another run took this workdir over: it saves, not we
             tic = time.perf_counter()
+            writer.flush()  # the metrics of the steps saved are on disk before their checkpoint
             end_of_epoch = batch_index == steps_per_epoch
             meta = {"epoch": epoch, "batches_done": batch_index, "step": step, "data_signature": data_signature,
                     "total_steps": total_steps, "end_of_epoch": end_of_epoch, "checksummed": True,
@@ -286,11 +287,13 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                         seed=config.seed, epoch=epoch, shuffle=config.data.shuffle, start_step=start,
                         process_index=block, process_count=num_blocks, packing=plan.packing,
                         num_rows=plan.rows_per_step)
-                    for batch_index, local in enumerate(batches, start=start + 1):
-                        # One step, dispatched without waiting: the host reads the previous step's metrics and
-                        # prepares the next batch while the device runs it.
+                    # the next batch is assembled on a thread while a step runs (data.prefetch)
+                    placed = data.prefetch(runtime.global_batch(local, batch_sharding, batch_shape) for local in batches)
+                    for batch_index, batch in enumerate(placed, start=start + 1):
+                        # One step, dispatched without waiting on an accelerator: the host reads the previous
+                        # step's metrics while the device runs it.
                         tic = time.perf_counter()
-                        state, metrics = step_fn(state, runtime.global_batch(local, batch_sharding, batch_shape))
+                        state, metrics = step_fn(state, batch)
                         step += 1
                         end_of_epoch = batch_index == steps_per_epoch
                         dispatched = _Dispatched(metrics, epoch, step, end_of_epoch, tic)

@@ -1,10 +1,12 @@
 """Exact, deterministic input: per-epoch order from (seed, epoch) only, the same global batch on 1 and on 2
 processes, resuming mid-epoch without replay or skip, padded and packed alike."""
+import threading
+
 import numpy as np
 import pytest
 
-from lima_jax.data import (epoch_batches, epoch_order, epoch_rows, load_examples, row_layout, steps_per_epoch,
-                           tokenize_all, tokenize_conversation)
+from lima_jax.data import (epoch_batches, epoch_order, epoch_rows, load_examples, prefetch, row_layout,
+                           steps_per_epoch, tokenize_all, tokenize_conversation)
 from lima_jax.data.formats import read_conversations
 
 MAX_LEN = 128
@@ -118,3 +120,38 @@ def test_input_signature_changes_with_anything_that_moves_the_saved_position(exa
                 for key, value in (("batch_size", 16), ("max_len", 256), ("seed", 1), ("shuffle", False),
                                    ("packing", False))]
     assert reference not in changed and len(set(changed)) == len(changed)
+
+
+def test_prefetch_produces_the_next_item_while_the_caller_holds_one_and_keeps_the_order():
+    second_made = threading.Event()
+
+    def items():
+        yield 0
+        yield 1
+        second_made.set()
+        yield 2
+
+    got = []
+    for item in prefetch(items()):
+        if item == 0:  # still holding the first: the thread must have made the second meanwhile
+            assert second_made.wait(timeout=30)
+        got.append(item)
+    assert got == [0, 1, 2]
+
+
+def test_prefetch_raises_a_producers_error_at_its_place_and_stops_its_thread_when_left():
+    def failing():
+        yield "a"
+        raise ValueError("the second batch is bad")
+
+    got = []
+    with pytest.raises(ValueError, match="second batch"):
+        for item in prefetch(failing()):
+            got.append(item)
+    assert got == ["a"]
+
+    before = threading.active_count()
+    endless = prefetch(iter(int, 1))  # never ends
+    assert next(endless) == 0
+    endless.close()  # the caller leaves the loop early
+    assert threading.active_count() == before

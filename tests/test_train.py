@@ -177,6 +177,21 @@ def test_metrics_of_an_interrupted_run_after_the_resume_point_are_dropped(tmp_pa
                                                                                   (4, 40.0)]
 
 
+def test_metrics_are_written_in_order_off_the_loop_and_a_failed_write_is_raised(tmp_path):
+    from lima_jax.metrics import MetricsWriter
+    record = {"loss": 1.0, "learning_rate": 1e-5, "grad_norm": 1.0}
+    writer = MetricsWriter(tmp_path, total_steps=10)
+    for step in range(1, 8):
+        writer.write(step, {**record, "loss": float(step)})
+    writer.flush()  # what the loop does before a checkpoint: every line so far on disk
+    assert [r["step"] for r in read_metrics(tmp_path).values()] == list(range(1, 8))
+    writer.jsonl.close()  # the next write fails on the writer's thread ...
+    writer.write(8, record)
+    with pytest.raises(ValueError, match="closed file"):
+        writer.flush()  # ... and is raised in the caller's
+    writer.tensorboard.close()
+
+
 @pytest.mark.parametrize("every", [2, 3])
 def test_a_diverged_step_is_caught_before_any_later_save(toy_config, monkeypatch, every):
     """Metrics are read a step late: step 3's NaN must still stop the run before the save at step 4 (every=2),

@@ -5,10 +5,10 @@ from lima_jax.data.formats import Conversation, DataError, read_conversations
 from lima_jax.data.packing import best_fit_decreasing
 from lima_jax.data.pipeline import (BATCH_FIELDS, Example, LoadReport, RowLayout, StepPlan, check_input_signature,
                                     epoch_batches, epoch_order, epoch_rows, epoch_steps, input_signature,
-                                    load_examples, pad_rows, plan_steps, row_layout, rows_per_step, steps_per_epoch,
-                                    tokenize_all, tokenize_conversation)
+                                    load_examples, pad_rows, plan_steps, prefetch, row_layout, rows_per_step,
+                                    steps_per_epoch, tokenize_all, tokenize_conversation)
 
 __all__ = ["BATCH_FIELDS", "Conversation", "DataError", "Example", "LoadReport", "RowLayout", "StepPlan",
            "best_fit_decreasing", "check_input_signature", "epoch_batches", "epoch_order", "epoch_rows", "epoch_steps",
-           "input_signature", "load_examples", "pad_rows", "plan_steps", "read_conversations", "row_layout",
-           "rows_per_step", "steps_per_epoch", "tokenize_all", "tokenize_conversation"]
+           "input_signature", "load_examples", "pad_rows", "plan_steps", "prefetch", "read_conversations",
+           "row_layout", "rows_per_step", "steps_per_epoch", "tokenize_all", "tokenize_conversation"]

@@ -34,7 +34,9 @@ import logging
 import math
 import multiprocessing
 import os
-from typing import Iterable, Iterator, Sequence
+import queue
+import threading
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -390,3 +392,49 @@ def epoch_batches(examples: Sequence[Example], *, batch_size: int, max_len: int,
         global_rows = step_rows + [[]] * (num_rows - len(step_rows))
         mine = global_rows[process_index * per_host:(process_index + 1) * per_host]
         yield write_rows([[examples[i] for i in row] for row in mine], max_len)
+
+
+T = TypeVar("T")
+_END = object()
+
+
+def prefetch(items: Iterable[T], ahead: int = 1) -> Iterator[T]:
+    """Yields `items` in their order while a background thread produces up to `ahead` of them beyond the one
+    the caller holds: the training loop's next batch is assembled while the current step runs (on the CPU,
+    where lima_jax runs computations on the calling thread, the only such overlap). An exception raised in
+    producing an item is raised here at that item's place. Leaving the loop early stops the thread."""
+    ready: queue.Queue = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+
+    def put(entry: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+        except BaseException as e:  # noqa: BLE001 (re-raised in the consumer's thread)
+            put((_END, e))
+            return
+        put((_END, None))
+
+    thread = threading.Thread(target=produce, name="lima-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
