@@ -72,13 +72,14 @@ class MetricsWriter:
         if self.start_step is None:
             self.start_step = step - 1
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self._writes.submit(functools.partial(self._write_now, step, record, self._progress_line(step, metrics)))
+        self._writes.submit(functools.partial(self._write_now, step, record, dict(metrics),
+                                              self._progress_line(step, metrics)))
 
-    def _write_now(self, step: int, record: dict, progress: str) -> None:
+    def _write_now(self, step: int, record: dict, metrics: dict, progress: str) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "epoch":
                 self.tensorboard.add_scalar(f"train/{key}", value, step)
         self.tensorboard.flush()
         logging.info("%s", progress)
@@ -105,14 +106,22 @@ class MetricsWriter:
         if self.enabled:
             self._writes.submit(lambda: self.tensorboard.add_text(tag, text, step))
 
-    def close(self) -> None:
-        """Writes what is still queued and closes the files (also after an error in writing, then raised)."""
-        if self.enabled:
-            try:
-                self._writes.wait()
-            finally:
-                self.tensorboard.close()
-                self.jsonl.close()
+    def close(self, raise_error: bool = True) -> None:
+        """Writes what is still queued and closes the files. A failure in writing is raised (once: a `write` or
+        `flush` may have raised it already), or with `raise_error=False` (an error of the caller's is already
+        propagating) logged."""
+        if not self.enabled:
+            return
+        self._writes.stop()
+        try:
+            self.tensorboard.close()
+            self.jsonl.close()
+        except Exception as e:  # noqa: BLE001 (reported below like a failed write)
+            self._writes.error = self._writes.error or e
+        if raise_error:
+            self._writes.wait()
+        elif self._writes.error is not None:
+            logging.error("writing the metrics failed: %s", self._writes.error)
 
 
 def _summary_writer(logdir: str, purge_step: int):
@@ -144,37 +153,48 @@ class _InBackground:
 
 
 class _InOrder:
-    """Runs submitted calls one after another on a daemon thread. After a call fails the rest are skipped and
-    its error is raised by the next `submit` or `wait` in the caller's thread."""
+    """Runs submitted calls one after another on a daemon thread. The first call that fails stops the writing:
+    its error is raised once, by the next `submit` or `wait` in the caller's thread, and later calls are not
+    queued (the caller has been told)."""
 
     def __init__(self, name: str):
         self._calls: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
-        threading.Thread(target=self._run, daemon=True, name=name).start()
+        self.error: BaseException | None = None
+        self._raised = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
+        self._thread.start()
 
     def _run(self) -> None:
         while True:
             call = self._calls.get()
             try:
-                if self._error is None:
+                if call is None:
+                    return
+                if self.error is None:
                     call()
             except BaseException as e:  # noqa: BLE001 (raised in the caller's thread)
-                self._error = e
+                self.error = e
             finally:
                 self._calls.task_done()
 
     def _raise_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        if self.error is not None and not self._raised:
+            self._raised = True
+            raise self.error
 
     def submit(self, call: Callable[[], None]) -> None:
         self._raise_error()
-        self._calls.put(call)
+        if self.error is None:
+            self._calls.put(call)
 
     def wait(self) -> None:
         self._calls.join()
         self._raise_error()
+
+    def stop(self) -> None:
+        """Runs what is queued, then ends the thread."""
+        self._calls.put(None)
+        self._thread.join()
 
 
 class _ObjectJsonl:

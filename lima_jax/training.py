@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -270,6 +271,7 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                 raise _preempted(checkpoints, epoch, step)
 
         step = int(state.step)  # counted on the host from here: reading state.step would wait for the device
+        placed = None  # this epoch's prefetched batches
         # SIGTERM / SIGINT from here on: stop at a step boundary all hosts agree on, save there, exit 75.
         with preemption.catch_stop_signals(early_stops) as stops:  # incl. a SIGTERM during setup
             agreement = preemption.StepAgreement(stops, config.train.get("checkpoint_every_minutes", 0.0))
@@ -287,7 +289,7 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                         seed=config.seed, epoch=epoch, shuffle=config.data.shuffle, start_step=start,
                         process_index=block, process_count=num_blocks, packing=plan.packing,
                         num_rows=plan.rows_per_step)
-                    # the next batch is assembled on a thread while a step runs (data.prefetch)
+                    # the next batch is assembled on a thread while a step runs (closed below if the loop raises)
                     placed = data.prefetch(runtime.global_batch(local, batch_sharding, batch_shape) for local in batches)
                     for batch_index, batch in enumerate(placed, start=start + 1):
                         # One step, dispatched without waiting on an accelerator: the host reads the previous
@@ -323,9 +325,12 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                     if epoch < config.train.num_epochs:  # after the last hook training is done anyway
                         stop_if_agreed(epoch, step)  # a signal during the hook
             finally:
-                writer.close()
+                if placed is not None:
+                    placed.close()  # its thread stopped and joined, not left to the interpreter's exit
                 checkpoints.close()
                 goodput.save(run.goodput)
+                # a failed metrics write is raised unless an error (a stop, a divergence) is already on its way
+                writer.close(raise_error=sys.exc_info()[1] is None)
                 if distributed.is_main_process():
                     logging.info("%s", goodput.summary())
     distributed.barrier("train_done")

@@ -53,14 +53,15 @@ def unroll_threefry() -> bool:
 
 
 def _left_to_defaults() -> bool:
-    return os.environ.get("LIMA_JAX_MALLOC", "") == "default"
+    """LIMA_JAX_MALLOC=default, or the user chose JAX's CPU dispatch: JAX's and glibc's defaults both."""
+    return os.environ.get("LIMA_JAX_MALLOC", "") == "default" or "JAX_CPU_ENABLE_ASYNC_DISPATCH" in os.environ
 
 
 def run_cpu_computations_inline() -> bool:
     """Makes JAX's CPU client run a computation on the calling thread (see the module docstring). Must run
     before JAX's backends exist; False (and a warning) if they already do, or when the user chose JAX's
     dispatch (JAX_CPU_ENABLE_ASYNC_DISPATCH) or LIMA_JAX_MALLOC=default."""
-    if _left_to_defaults() or "JAX_CPU_ENABLE_ASYNC_DISPATCH" in os.environ:
+    if _left_to_defaults():
         return False
     try:
         from jax._src import xla_bridge
@@ -82,8 +83,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 def keep_freed_memory(platform: str) -> bool:
     """On the CPU platform, makes glibc keep freed memory for reuse (no mmap'd blocks, no trimming; see the
-    module docstring). False on other platforms, with LIMA_JAX_MALLOC=default, or where the C library is not
-    glibc."""
+    module docstring). False on other platforms, when left to the defaults (LIMA_JAX_MALLOC=default,
+    JAX_CPU_ENABLE_ASYNC_DISPATCH set), or where the C library is not glibc."""
     if platform != "cpu" or _left_to_defaults():
         return False
     try:

@@ -188,8 +188,10 @@ def test_metrics_are_written_in_order_off_the_loop_and_a_failed_write_is_raised(
     writer.jsonl.close()  # the next write fails on the writer's thread ...
     writer.write(8, record)
     with pytest.raises(ValueError, match="closed file"):
-        writer.flush()  # ... and is raised in the caller's
-    writer.tensorboard.close()
+        writer.flush()  # ... and is raised in the caller's, once
+    writer.write(9, record)  # not queued after a failure
+    writer.close()
+    assert [r["step"] for r in read_metrics(tmp_path).values()] == list(range(1, 8))
 
 
 @pytest.mark.parametrize("every", [2, 3])

@@ -35,6 +35,7 @@ import math
 import multiprocessing
 import os
 import queue
+import sys
 import threading
 from typing import Iterable, Iterator, Sequence, TypeVar
 
@@ -399,10 +400,11 @@ _END = object()
 
 
 def prefetch(items: Iterable[T], ahead: int = 1) -> Iterator[T]:
-    """Yields `items` in their order while a background thread produces up to `ahead` of them beyond the one
-    the caller holds: the training loop's next batch is assembled while the current step runs (on the CPU,
-    where lima_jax runs computations on the calling thread, the only such overlap). An exception raised in
-    producing an item is raised here at that item's place. Leaving the loop early stops the thread."""
+    """Yields `items` in their order while a background thread produces the next ones (up to `ahead` ready and
+    one in the making) beyond the one the caller holds: the training loop's next batch is assembled while the
+    current step runs (on the CPU, where lima_jax runs computations on the calling thread, the only such
+    overlap). An exception raised in producing an item is raised here at that item's place. Closing the
+    generator (leaving the loop early, then `close()`) stops and joins the thread."""
     ready: queue.Queue = queue.Queue(maxsize=ahead)
     stop = threading.Event()
 
@@ -437,4 +439,5 @@ def prefetch(items: Iterable[T], ahead: int = 1) -> Iterator[T]:
             yield item
     finally:
         stop.set()
-        thread.join()
+        if not sys.is_finalizing():  # at the interpreter's exit a daemon thread can no longer run: never join it
+            thread.join()
