@@ -170,5 +170,6 @@ def main(argv: list[str]) -> None:
                      f"{statistics.median(per_round):.3f}, {per_round[0]:.3f}-{per_round[-1]:.3f})")
         print(f"{line}; settle {args.settle}; load now {os.getloadavg()[0]:.1f}", flush=True)
 
+
 if __name__ == "__main__":
     cli.run(main)  # bad input (an unknown --config field): one error line, exit 2

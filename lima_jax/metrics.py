@@ -16,13 +16,13 @@ training loop calls it before a checkpoint is saved, so no line of a saved step 
 from __future__ import annotations
 
 import dataclasses
-import json
 import functools
+import json
 import math
 import queue
 import threading
-from typing import Callable
 import time
+from typing import Callable
 
 import jax
 from absl import logging

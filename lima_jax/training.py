@@ -290,7 +290,7 @@ def _train_holding_lock(config: ml_collections.ConfigDict, after_epoch: EpochHoo
                         process_index=block, process_count=num_blocks, packing=plan.packing,
                         num_rows=plan.rows_per_step)
                     # the next batch is assembled on a thread while a step runs (closed below if the loop raises)
-                    placed = data.prefetch(runtime.global_batch(local, batch_sharding, batch_shape) for local in batches)
+                    placed = data.prefetch(runtime.global_batch(b, batch_sharding, batch_shape) for b in batches)
                     for batch_index, batch in enumerate(placed, start=start + 1):
                         # One step, dispatched without waiting on an accelerator: the host reads the previous
                         # step's metrics while the device runs it.

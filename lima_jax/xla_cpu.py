@@ -22,8 +22,8 @@ the 2-core development CPU: the peer step 1,236-1,268 -> 1,050 ms (0.83x), the t
 27-30 ms). What asynchronous dispatch overlapped with a step, the training loop now does on threads (the next
 batch: `data.prefetch`; the metrics' writing: `metrics.MetricsWriter`); the toy's training loop, whose steps
 are small, still lost a little: median step 20.3-20.9 against 18.2-20.3 ms. Accelerator hosts keep glibc's
-defaults (their steps' temporaries are device memory). The process keeps its peak heap until it exits. `LIMA_JAX_MALLOC=default` (or JAX's own
-`JAX_CPU_ENABLE_ASYNC_DISPATCH`) leaves JAX's and glibc's defaults.
+defaults (their steps' temporaries are device memory). The process keeps its peak heap until it exits.
+`LIMA_JAX_MALLOC=default` (or JAX's own `JAX_CPU_ENABLE_ASYNC_DISPATCH`) leaves JAX's and glibc's defaults.
 """
 from __future__ import annotations
 
@@ -61,6 +61,10 @@ def run_cpu_computations_inline() -> bool:
     """Makes JAX's CPU client run a computation on the calling thread (see the module docstring). Must run
     before JAX's backends exist; False (and a warning) if they already do, or when the user chose JAX's
     dispatch (JAX_CPU_ENABLE_ASYNC_DISPATCH) or LIMA_JAX_MALLOC=default."""
+    chosen = os.environ.get("LIMA_JAX_MALLOC", "")
+    if chosen not in ("", "default"):
+        log.warning("LIMA_JAX_MALLOC=%r is not a known setting (only 'default', which leaves JAX's and glibc's "
+                    "defaults, is read): lima_jax's CPU memory setting applies", chosen)
     if _left_to_defaults():
         return False
     try:
