@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import fnmatch
 import json
 import zlib
 from typing import Iterable
@@ -27,6 +28,7 @@ from lima_jax.paths import PathLike, as_path, atomic_write_text
 MANIFEST = "lima_manifest.json"
 _PART = "lima_manifest.part-{index:05d}-of-{count:05d}.json"
 _PART_GLOB = "lima_manifest.part-*.json"
+_TEMPORARY = ".tmp"  # the suffix of paths.atomic_write_text's temporary sibling
 FORMAT = 1
 _CHUNK = 8 << 20
 _THREADS = 8
@@ -47,15 +49,24 @@ def has_manifest(folder: PathLike) -> bool:
     return (as_path(folder) / MANIFEST).is_file()
 
 
+def _is_manifest_file(path: epath.Path) -> bool:
+    """The manifest, a process's part, or either one's temporary while another process is writing it."""
+    name = path.name.removesuffix(_TEMPORARY)
+    return name == MANIFEST or fnmatch.fnmatchcase(name, _PART_GLOB)
+
+
 def _checksummed_files(folder: epath.Path) -> list[str]:
-    """Relative paths of every file under `folder` except manifests."""
+    """Relative paths of every file under `folder` except manifests.
+
+    On several processes each lists the folder while the others may be writing their parts, so the parts and
+    their temporaries are never listed: every process must see the same names to take its share."""
     names = []
     pending = [folder]
     while pending:  # epath has no recursive glob on object stores
         for path in pending.pop().iterdir():
             if path.is_dir():
                 pending.append(path)
-            elif path.name != MANIFEST and not path.match(_PART_GLOB):
+            elif not _is_manifest_file(path):
                 names.append(str(path.relative_to(folder)))
     return names
 
@@ -99,8 +110,10 @@ def merge_parts(folder: PathLike, count: int) -> None:
 
 
 def remove_parts(folder: PathLike) -> None:
-    for part in as_path(folder).glob(_PART_GLOB):
-        part.unlink()
+    """Every part file in `folder`, and the temporary of a part whose writer was killed."""
+    for part in as_path(folder).glob(_PART_GLOB + "*"):
+        if _is_manifest_file(part):
+            part.unlink()
 
 
 def _write(path: epath.Path, files: dict[str, dict]) -> None:

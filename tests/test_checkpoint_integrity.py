@@ -99,9 +99,11 @@ def test_manifest_parts_of_several_processes_cover_every_file_once(tmp_path):
         (tmp_path / f"f{i}").write_bytes(bytes([i]) * (i + 1))
     manifest.write_manifest(tmp_path, manifest.Shard(0, 2))  # left by an earlier attempt on 2 processes
     (tmp_path / "f0").write_bytes(b"changed since")
+    # a part being written (or left half-written) by another process: every process must list the same names
+    (tmp_path / "lima_manifest.part-00001-of-00002.json.tmp").write_text('{"files": {}')
     for index in range(3):
         manifest.write_manifest(tmp_path, manifest.Shard(index, 3))
-    assert len(list(tmp_path.glob("lima_manifest.part-*"))) == 4
+    assert len(list(tmp_path.glob("lima_manifest.part-*"))) == 5
     manifest.merge_parts(tmp_path, 3)
     assert manifest.verify(tmp_path) == []  # the stale part was not merged
     assert not list(tmp_path.glob("lima_manifest.part-*"))
