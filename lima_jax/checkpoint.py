@@ -181,13 +181,18 @@ class TrainCheckpoints:
 
     def set_aside(self, step: int) -> epath.Path:
         """Moves a step folder to `<checkpoints>/set_aside/<step>[.N]`, out of training's way but kept (host 0;
-        every host calls it). The manager is reloaded so it no longer lists the step."""
-        target = aside_target(self.directory / SET_ASIDE, str(step))
+        every host calls it). The manager is reloaded so it no longer lists the step.
+
+        Host 0 names the target (another host's view may already hold the moved folder), and no host returns
+        before every host has reloaded: the next set-aside's rename must not change the folder under a listing."""
+        target = as_path(distributed.main_process_text(
+            f"set_aside_target_{step}", str(aside_target(self.directory / SET_ASIDE, str(step)))))
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
             self.step_folder(step).rename(target)
         distributed.barrier(f"set_aside_{step}")
         self.manager.reload()
+        distributed.barrier(f"set_aside_reloaded_{step}")
         return target
 
     def latest_step(self) -> int | None:

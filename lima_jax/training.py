@@ -369,7 +369,8 @@ def prune_full_states(config: ml_collections.ConfigDict, run: RunDir, checkpoint
     if not checkpoints.is_sealed(newest):
         logging.warning("not removing older checkpoints: %s has no manifest", checkpoints.step_folder(newest))
         return
-    removable = [step for step in older if not _needed_for_choosing(run, checkpoints, step)]
+    marker = _chosen_epoch_marker(run)
+    removable = [step for step in older if not _needed_for_choosing(run, checkpoints, step, marker)]
     # every host deletes the same steps (orbax's delete syncs them): host 0's list, read from files it owns
     removable = json.loads(distributed.main_process_text("prune", json.dumps(removable)))
     for step in removable:
@@ -379,11 +380,21 @@ def prune_full_states(config: ml_collections.ConfigDict, run: RunDir, checkpoint
                      "snapshots", removable, checkpoints.step_folder(newest))
 
 
-def _needed_for_choosing(run: RunDir, checkpoints: checkpoint.TrainCheckpoints, step: int) -> bool:
+def _chosen_epoch_marker(run: RunDir) -> dict | str | None:
+    """chosen_epoch.json as host 0 reads it, the same on every host (`report choose` may rewrite it while the
+    hosts read, and every host must then read the same steps' meta, a collective); its problem as text when
+    it is malformed; None when no epoch was chosen."""
     try:
-        marker = rundir.read_chosen_epoch(run.root)
-    except CheckpointError as e:  # a malformed marker: keep what it might name
-        logging.warning("%s; keeping checkpoint %s", e, checkpoints.step_folder(step))
+        found: dict | str | None = rundir.read_chosen_epoch(run.root)
+    except CheckpointError as e:
+        found = str(e)
+    return json.loads(distributed.main_process_text("chosen_epoch_marker", json.dumps(found)))
+
+
+def _needed_for_choosing(run: RunDir, checkpoints: checkpoint.TrainCheckpoints, step: int,
+                         marker: dict | str | None) -> bool:
+    if isinstance(marker, str):  # a malformed marker: keep what it might name
+        logging.warning("%s; keeping checkpoint %s", marker, checkpoints.step_folder(step))
         return True
     if marker is not None and marker["checkpoint"] == f"{rundir.CHECKPOINTS}/{step}":
         return True

@@ -33,6 +33,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 4)
 from lima_jax import distributed
 pid, port, workdir, stop_after = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+resume_step = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 distributed.initialize(f"127.0.0.1:{port}", 2, pid, timeout_s=60, cpu_collectives="gloo")
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 from lima_jax import metrics, training
@@ -42,6 +43,7 @@ config.workdir = workdir
 config.train.num_epochs = 2
 config.train.batch_size = 8
 config.mesh.update(data=-1, fsdp=1, tensor=1, layout="data")
+config.train.resume_step = resume_step
 losses = []
 original = metrics.MetricsWriter.write
 def record(self, step, values):
@@ -77,9 +79,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run_two(workdir, stop_after_epoch: int) -> list[list[float]]:
+def _run_two(workdir, stop_after_epoch: int, resume_step: int = 0) -> list[list[float]]:
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), str(port), str(workdir), str(stop_after_epoch)],
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(i), str(port), str(workdir), str(stop_after_epoch),
+                               str(resume_step)],
                               cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     results = worker_results(procs, TIMEOUT_S)
@@ -150,6 +153,22 @@ def test_two_processes_train_checkpoint_restore_and_agree(saved_on_two, one_proc
     assert [r["step"] for r in records] == list(range(1, 13))  # host 0 alone wrote them, once each
     print(f"two processes: {first + second[0]}\none process: {one_process_reference}")
     np.testing.assert_allclose(first + second[0], one_process_reference, rtol=RTOL)
+
+
+@pytest.mark.slow
+def test_two_processes_roll_back_over_several_later_checkpoints(saved_on_two, one_process_reference, tmp_path):
+    """--config.train.resume_step=6 with two newer checkpoints (copies of step 6, as if written later): both
+    hosts set each aside in turn (host 0 moves it, every host reloads before the next move), then train on."""
+    saved, first = saved_on_two
+    workdir = _copy_of(saved, tmp_path)
+    for later in (12, 18):
+        shutil.copytree(workdir / "checkpoints" / "6", workdir / "checkpoints" / str(later))
+    second = _run_two(workdir, stop_after_epoch=0, resume_step=6)
+    assert second[0] == second[1]
+    np.testing.assert_allclose(first + second[0], one_process_reference, rtol=RTOL)
+    aside = workdir / "checkpoints" / "set_aside"
+    assert sorted(p.name for p in aside.iterdir()) == ["12", "18"]  # one move each, named the same on both hosts
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [6, 12]
 
 
 @pytest.mark.slow

@@ -109,9 +109,11 @@ def test_switching_a_run_to_snapshots_keeps_the_epochs_that_have_no_snapshot(tmp
     full = params_config(workdir)
     full.train.snapshots = "full"
     train_stopping_after(full, 2)  # checkpoints 6 and 12, no snapshots
+    rundir.mark_chosen_epoch(workdir, 2)  # names checkpoints/12
     train(params_config(workdir))
-    # epoch 1 exists only as checkpoints/6: kept. Epoch 2's snapshot was written on resume, so 12 went.
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["18", "6"]
+    # epoch 1 exists only as checkpoints/6: kept. Epoch 2's snapshot was written on resume, but
+    # chosen_epoch.json names checkpoints/12: kept too.
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12", "18", "6"]
     assert sorted(p.name for p in (workdir / "snapshots").iterdir()) == ["epoch_002", "epoch_003"]
     assert {e: c.folder for e, c in rundir.epoch_checkpoints(workdir).items()} == {
         1: "checkpoints/6", 2: "snapshots/epoch_002", 3: "snapshots/epoch_003"}
