@@ -145,30 +145,21 @@ def _copy_of(workdir: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
 
 @pytest.mark.slow
 def test_two_processes_train_checkpoint_restore_and_agree(saved_on_two, one_process_reference, tmp_path):
-    saved, first = saved_on_two
-    workdir = _copy_of(saved, tmp_path)
-    second = _run_two(workdir, stop_after_epoch=0)  # both processes restore step 6 and train epoch 2
-    assert second[0] == second[1] and len(second[0]) == 6
-    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 13))  # host 0 alone wrote them, once each
-    print(f"two processes: {first + second[0]}\none process: {one_process_reference}")
-    np.testing.assert_allclose(first + second[0], one_process_reference, rtol=RTOL)
-
-
-@pytest.mark.slow
-def test_two_processes_roll_back_over_several_later_checkpoints(saved_on_two, one_process_reference, tmp_path):
-    """--config.train.resume_step=6 with two newer checkpoints (copies of step 6, as if written later): both
-    hosts set each aside in turn (host 0 moves it, every host reloads before the next move), then train on."""
+    """Both processes restore step 6 and train epoch 2. They are told to (--config.train.resume_step=6) past two
+    newer checkpoints (copies of step 6, as if written later), so they also roll back together: host 0 moves
+    each one aside, and every host reloads before the next move."""
     saved, first = saved_on_two
     workdir = _copy_of(saved, tmp_path)
     for later in (12, 18):
         shutil.copytree(workdir / "checkpoints" / "6", workdir / "checkpoints" / str(later))
     second = _run_two(workdir, stop_after_epoch=0, resume_step=6)
-    assert second[0] == second[1]
-    np.testing.assert_allclose(first + second[0], one_process_reference, rtol=RTOL)
-    aside = workdir / "checkpoints" / "set_aside"
-    assert sorted(p.name for p in aside.iterdir()) == ["12", "18"]  # one move each, named the same on both hosts
+    assert second[0] == second[1] and len(second[0]) == 6
+    assert sorted(p.name for p in (workdir / "checkpoints" / "set_aside").iterdir()) == ["12", "18"]
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [6, 12]
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))  # host 0 alone wrote them, once each
+    print(f"two processes: {first + second[0]}\none process: {one_process_reference}")
+    np.testing.assert_allclose(first + second[0], one_process_reference, rtol=RTOL)
 
 
 @pytest.mark.slow
