@@ -23,12 +23,11 @@ from typing import Iterable
 
 from etils import epath
 
-from lima_jax.paths import PathLike, as_path, atomic_write_text
+from lima_jax.paths import TEMPORARY_SUFFIX, PathLike, as_path, atomic_write_text
 
 MANIFEST = "lima_manifest.json"
 _PART = "lima_manifest.part-{index:05d}-of-{count:05d}.json"
 _PART_GLOB = "lima_manifest.part-*.json"
-_TEMPORARY = ".tmp"  # the suffix of paths.atomic_write_text's temporary sibling
 FORMAT = 1
 _CHUNK = 8 << 20
 _THREADS = 8
@@ -51,7 +50,7 @@ def has_manifest(folder: PathLike) -> bool:
 
 def _is_manifest_file(path: epath.Path) -> bool:
     """The manifest, a process's part, or either one's temporary while another process is writing it."""
-    name = path.name.removesuffix(_TEMPORARY)
+    name = path.name.removesuffix(TEMPORARY_SUFFIX)
     return name == MANIFEST or fnmatch.fnmatchcase(name, _PART_GLOB)
 
 

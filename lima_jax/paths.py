@@ -22,6 +22,9 @@ def is_remote(path: PathLike) -> bool:
     return "://" in os.fspath(path)
 
 
+TEMPORARY_SUFFIX = ".tmp"  # atomic_write_text's sibling, renamed over the target when complete
+
+
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Replaces `path` with `text` in one step; readers see the old file or the new one, never a part.
 
@@ -32,7 +35,7 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     if is_remote(path):
         path.write_text(text, encoding="utf-8")
         return
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + TEMPORARY_SUFFIX)
     with open(os.fspath(tmp), "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
